@@ -1,0 +1,1 @@
+"""Corpus -> tokenized, packed WebDataset shards with a manifest, in parallel on Ray."""

@@ -1,0 +1,1 @@
+"""The `distill` command line: one console script, one subcommand per stage."""

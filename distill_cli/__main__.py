@@ -1,0 +1,3 @@
+from distill_cli.main import main
+
+raise SystemExit(main())

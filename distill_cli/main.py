@@ -1,0 +1,88 @@
+"""`distill`: one console script, a subcommand per stage.
+
+Each stage package owns its subcommands in its own ``cli.py`` (``register(subparsers)``)
+and imports heavy libraries only inside the handlers, so ``distill --help`` is fast.
+Handlers receive the parsed ``args``; ``args.load_recipe()`` gives the typed Recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from distill_common.assets import AssetError
+from distill_common.config import ConfigError
+from distill_common.logs import setup_logging
+
+log = logging.getLogger("distill")
+
+
+class UserError(RuntimeError):
+    """Anything a user can fix; printed without a traceback."""
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (a path, or a name in configs/ such as "
+                                       "`debug`)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.max_steps=10 student.num_layers=2")
+
+
+def _recipe_loader(args):
+    def load():
+        from distill_cli.recipe import load_recipe
+        return load_recipe(args.recipe, args.overrides)
+    return load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_prep import cli as prep_cli
+    from distill_cli import assets_cli, config_cli
+    from distill_pretrain import cli as pretrain_cli
+    from finetune import cli as finetune_cli
+    from launcher import cli as launcher_cli
+
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Task-agnostic distillation of pretrained encoders: prep -> pretrain "
+                    "-> export -> finetune -> report, locally or on a cluster.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--all-ranks", action="store_true",
+                        help="log from every rank, not only rank 0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    assets_cli.register(sub)
+    config_cli.register(sub, add_recipe_args)
+    prep_cli.register(sub, add_recipe_args)
+    pretrain_cli.register(sub, add_recipe_args)
+    finetune_cli.register(sub, add_recipe_args)
+    launcher_cli.register(sub, add_recipe_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(verbose=args.verbose, all_ranks=args.all_ranks or None)
+    if hasattr(args, "recipe"):
+        args.load_recipe = _recipe_loader(args)
+    try:
+        rc = args.func(args)
+    except (ConfigError, AssetError, UserError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # stage errors with a user-facing message
+        if type(err).__name__.endswith(("UserError", "PrepError", "ValidationError",
+                                       "RecipeError", "LaunchError", "DataError",
+                                       "TaskError")):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

