@@ -1,0 +1,112 @@
+"""Readers of the named real corpora (fetched with `distill assets fetch`).
+
+Prep uses them as sources and fine-tuning as labelled tasks; both read a document the same
+way here, so a held-out document's ``doc_hash`` matches on both sides. Order is
+deterministic (sorted), ids are stable.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from distill_common.assets import require
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    """Stable id, e.g. ``bbc_news/business/001``."""
+    text: str
+    label: str | None = None
+    """Topic class where the corpus has one (bbc_news, wiki_summaries)."""
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # one BBC article is cp1252
+        return raw.decode("cp1252", errors="replace")
+
+
+def wiki_summaries() -> Iterator[Document]:
+    data = json.loads((require("wiki_summaries") / "summaries_en-us.json").read_text())
+    for title in sorted(data):
+        entry = data[title]
+        text = (entry.get("extract") or "").strip()
+        if text:
+            yield Document(f"wiki_summaries/{title}", text, entry.get("topic"))
+
+
+def bbc_news() -> Iterator[Document]:
+    root = require("bbc_news")
+    for path in sorted(root.glob("*/*.txt")):
+        yield Document(f"bbc_news/{path.parent.name}/{path.stem}", _read_text(path).strip(),
+                       path.parent.name)
+
+
+def wordnet_glosses() -> Iterator[Document]:
+    root = require("wordnet_glosses")
+    for pos in ("noun", "verb", "adj", "adv"):
+        with open(root / f"data.{pos}", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or " | " not in line:
+                    continue  # license header
+                offset = line.split(" ", 1)[0]
+                gloss = line.split(" | ", 1)[1].strip()
+                if gloss:
+                    yield Document(f"wordnet_glosses/{pos}/{offset}", gloss)
+
+
+_DICTD_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(s: str) -> int:
+    n = 0
+    for ch in s:
+        n = n * 64 + _DICTD_B64.index(ch)
+    return n
+
+
+def gcide() -> Iterator[Document]:
+    root = require("gcide")
+    text = gzip.open(root / "gcide.dict.dz").read()
+    seen: set[tuple[int, int]] = set()
+    with open(root / "gcide.index", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3 or parts[0].startswith("00-database"):
+                continue
+            start, length = _dictd_number(parts[1]), _dictd_number(parts[2])
+            if (start, length) in seen:  # several headwords can share one entry
+                continue
+            seen.add((start, length))
+            body = text[start:start + length].decode("utf-8", errors="replace").strip()
+            if body:
+                yield Document(f"gcide/{start}", body)
+
+
+NAMED_CORPORA = {
+    "wiki_summaries": wiki_summaries,
+    "bbc_news": bbc_news,
+    "wordnet_glosses": wordnet_glosses,
+    "gcide": gcide,
+}
+
+
+def iter_documents(name: str) -> Iterator[Document]:
+    if name not in NAMED_CORPORA:
+        raise KeyError(f"unknown corpus {name!r}; known: {', '.join(NAMED_CORPORA)}")
+    return NAMED_CORPORA[name]()
+
+
+def corpus_files(name: str) -> list[Path]:
+    """The files a named corpus is read from (for manifests: names and sizes)."""
+    folder = require({"wiki_summaries": "wiki_summaries", "bbc_news": "bbc_news",
+                      "wordnet_glosses": "wordnet_glosses", "gcide": "gcide"}[name])
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "asset.json")
