@@ -1,0 +1,106 @@
+"""Document-aware packing of token streams into fixed-length sequences (pure functions).
+
+A *stream* is the token ids of consecutive document pieces, each piece followed by the
+separator (SEP / ``</s>``). A packed sequence is ``CLS + stream window + SEP`` of exactly
+``seq_len`` tokens: when the window ends on a piece's own separator that separator closes
+the sequence; otherwise the piece is cut there, a separator closes the sequence and the
+rest of the piece opens the next one. Nothing is padded; the remainder that does not fill
+a sequence is returned as the *tail*, and only the tail of the whole split becomes a
+shorter last sequence. Removing CLS/SEP from the sequences gives back exactly the
+concatenated document tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+
+# A sentence ends at . ! ? (plus closing quotes/brackets) followed by whitespace.
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s+")
+
+
+def sentence_starts(text: str) -> list[int]:
+    """Character offsets where a new sentence begins (after the first)."""
+    return [m.end() for m in _SENTENCE_END.finditer(text) if m.end() < len(text)]
+
+
+def piece_bounds(token_starts: Sequence[int], sentence_chars: Sequence[int],
+                 max_len: int) -> list[int]:
+    """Cut points that split a document of ``len(token_starts)`` tokens into pieces of at
+    most ``max_len`` tokens, each cut at the latest sentence start that fits, or at
+    ``max_len`` when one sentence is longer. Returns the piece ends (last == n_tokens).
+
+    ``token_starts[i]`` is the character offset where token ``i`` begins.
+    """
+    n = len(token_starts)
+    starts = np.asarray(token_starts, dtype=np.int64)
+    # Token index that begins each sentence (a token straddling the boundary belongs to
+    # the sentence it starts in).
+    cuts = np.unique(np.searchsorted(starts, np.asarray(sentence_chars, dtype=np.int64)))
+    cuts = cuts[(cuts > 0) & (cuts < n)]
+    ends, begin = [], 0
+    while n - begin > max_len:
+        limit = begin + max_len
+        hi = np.searchsorted(cuts, limit, side="right")  # cuts[:hi] <= limit
+        end = int(cuts[hi - 1]) if hi > 0 and cuts[hi - 1] > begin else limit
+        ends.append(end)
+        begin = end
+    ends.append(n)
+    return ends
+
+
+def split_pieces(ids: Sequence[int], ends: Sequence[int]) -> list[Sequence[int]]:
+    begin, out = 0, []
+    for end in ends:
+        out.append(ids[begin:end])
+        begin = end
+    return out
+
+
+def pack_stream(stream: np.ndarray, seq_len: int, cls_id: int,
+                sep_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack a stream (pieces each ended by ``sep_id``) into (n, seq_len) sequences.
+
+    Returns (sequences, tail): the tail (at most ``seq_len - 2`` tokens, ending with a
+    separator) is the part of the stream that does not fill a sequence. A piece boundary
+    that falls one token before a cut gives ``... SEP SEP`` at the end of a sequence: an
+    empty segment, rare and harmless, and the price of never padding.
+    """
+    stream = np.asarray(stream)
+    body = seq_len - 2  # content between CLS and the closing SEP
+    rows = []
+    p, n = 0, len(stream)
+    while n - p >= seq_len - 1:
+        if stream[p + body] == sep_id:  # the window ends on a piece's own separator
+            rows.append(stream[p:p + body + 1])
+            p += body + 1
+        else:  # cut inside a piece; the rest opens the next sequence
+            rows.append(np.append(stream[p:p + body], sep_id))
+            p += body
+    seqs = np.empty((len(rows), seq_len), dtype=stream.dtype if len(stream) else np.int64)
+    if rows:
+        seqs[:, 0] = cls_id
+        seqs[:, 1:] = np.stack(rows)
+    return seqs, stream[p:]
+
+
+def pack_final(stream: np.ndarray, seq_len: int, cls_id: int,
+               sep_id: int) -> list[np.ndarray]:
+    """Pack the last stream of a split: full sequences, then the rest as one shorter
+    sequence (CLS + rest, closed with SEP)."""
+    seqs, tail = pack_stream(stream, seq_len, cls_id, sep_id)
+    out = list(seqs)
+    if len(tail):
+        last = tail if tail[-1] == sep_id else np.append(tail, sep_id)
+        out.append(np.concatenate([np.asarray([cls_id], dtype=last.dtype), last]))
+    return out
+
+
+def strip_specials(seqs, special_ids: Sequence[int]) -> np.ndarray:
+    """Concatenated content of packed sequences without CLS/SEP (for checks and tests)."""
+    if not len(seqs):
+        return np.zeros(0, dtype=np.int64)
+    flat = np.concatenate([np.asarray(s) for s in seqs])
+    return flat[~np.isin(flat, np.asarray(special_ids))]

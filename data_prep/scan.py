@@ -1,0 +1,113 @@
+"""Pass 1 (one Ray task per unit): read, normalise and hash every document.
+
+The result is small (16 bytes and a status byte per document): enough for the driver to
+remove exact duplicates across the whole corpus, drop held-out text and pick the
+validation documents, without anyone holding the text itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from data_prep.errors import PrepError
+from data_prep.sources import ReadOptions, Unit, read_unit
+
+DIGEST_BYTES = 16  # of sha256(normalised text): collisions are out of reach at 2^64 docs
+
+# Status of a document after pass 1 (and after dedup on the driver); the names are the
+# manifest's `dropped` keys.
+OK, HOLDOUT, EMPTY, DUPLICATE = 0, 1, 2, 3
+BAD_REASONS = ("invalid_utf8", "bad_json", "missing_text_field", "empty_file",
+               "unreadable_file")
+STATUS_NAMES = ("ok", "holdout", "empty", "duplicate") + BAD_REASONS
+STATUS_CODE = {name: i for i, name in enumerate(STATUS_NAMES)}
+
+
+@dataclass
+class Holdout:
+    hashes: frozenset = frozenset()
+    """doc_hash hex strings."""
+    ids: frozenset = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.hashes or self.ids)
+
+
+@dataclass
+class UnitScan:
+    digests: np.ndarray
+    """(n_items, DIGEST_BYTES) uint8; zeros where status != OK."""
+    status: np.ndarray
+    """(n_items,) uint8 codes of STATUS_NAMES."""
+    chars: np.ndarray = None
+    """(n_items,) normalised length in characters: the work a document will take."""
+    resume_points: dict = field(default_factory=dict)
+    """item index -> (byte offset, line number before it), every `docs_per_shard` items."""
+    first_errors: dict = field(default_factory=dict)
+    """reason -> first message (logged when on_error=skip)."""
+    cpu_seconds: float = 0.0
+
+    @property
+    def n_items(self) -> int:
+        return len(self.status)
+
+
+def load_holdout(path: Optional[str]) -> Holdout:
+    """Lines of 64 hex digits are doc hashes, other lines document ids; `#` comments."""
+    if not path:
+        return Holdout()
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f]
+    except (OSError, UnicodeDecodeError) as err:
+        raise PrepError(f"prep.holdout: cannot read {path} ({err}); give a text file with "
+                        f"one doc hash or document id per line") from None
+    entries = [ln for ln in lines if ln and not ln.startswith("#")]
+    hashes = {e.lower() for e in entries
+              if len(e) == 64 and all(c in "0123456789abcdefABCDEF" for c in e)}
+    return Holdout(frozenset(hashes), frozenset(e for e in entries if e.lower() not in hashes))
+
+
+def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: int,
+              on_error: str) -> UnitScan:
+    from distill_common.textnorm import normalize_text
+
+    cpu_started = time.process_time()
+    digests: list[bytes] = []
+    status = bytearray()
+    chars: list[int] = []
+    resume, first_errors = {}, {}
+    zero = bytes(DIGEST_BYTES)
+    for i, item in enumerate(read_unit(unit, opts)):
+        if i and i % docs_per_shard == 0 and item.offset is not None:
+            resume[i] = (item.offset, item.line - 1)
+        if item.reason is not None:
+            if on_error == "raise":
+                raise PrepError(item.message)
+            first_errors.setdefault(item.reason, item.message)
+            digests.append(zero)
+            status.append(STATUS_CODE[item.reason])
+            chars.append(0)
+            continue
+        text = normalize_text(item.text)
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if not text:
+            code = EMPTY
+        elif holdout and (item.id in holdout.ids or digest.hex() in holdout.hashes):
+            code = HOLDOUT
+        else:
+            code = OK
+        digests.append(digest[:DIGEST_BYTES] if code == OK else zero)
+        status.append(code)
+        chars.append(len(text))
+    array = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+    return UnitScan(array.copy(), np.frombuffer(bytes(status), dtype=np.uint8).copy(),
+                    np.asarray(chars, dtype=np.int64), resume, first_errors,
+                    time.process_time() - cpu_started)
