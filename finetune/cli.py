@@ -1,5 +1,157 @@
-"""Subcommands of this stage (being built)."""
+"""`distill finetune MODEL_DIR TASK [k=v...]`, `distill report ...`, `distill tasks ...`.
+
+Overrides: `task.<key>=...` edits the task recipe (e.g. `task.split.seed=1`); any other
+key is a fine-tuning setting (`epochs=2 seeds=[0,1,2] batch_size=16`, see
+finetune/config.py). Multi-process: `torchrun --nproc_per_node N -m distill_cli finetune ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
 
 
 def register(sub, add_recipe_args) -> None:
-    pass
+    ft = sub.add_parser(
+        "finetune", help="fine-tune a model folder (student or teacher) on a task",
+        description="Fine-tune any Hugging Face encoder folder on a task recipe (a built-in "
+                    "name such as bbc_news / wiki_topic, or a task YAML). Writes "
+                    "OUT/results.json and the fine-tuned model OUT/model.")
+    ft.add_argument("model_dir", help="model folder, or a model asset name (minilm_l6)")
+    ft.add_argument("task", help="built-in task name or task YAML path")
+    ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="fine-tuning settings (epochs=2 seeds=[0,1]) or task.<key>=value")
+    ft.add_argument("--out", help="output folder (default runs/finetune/<model>/<task>); "
+                                  "give options before MODEL_DIR or after the overrides")
+    ft.set_defaults(func=_finetune)
+
+    rp = sub.add_parser(
+        "report", help="compare models: size, latency, scores, retention, speed-up",
+        description="Measure each model (parameters, size, CPU/GPU latency) and join "
+                    "fine-tuning results into report.json, report.md and PNG plots.")
+    rp.add_argument("--model", action="append", default=[], metavar="NAME=DIR", required=True,
+                    help="a model to compare (repeat); DIR may be a model asset name")
+    rp.add_argument("--teacher", help="NAME of the reference model (default: the first)")
+    rp.add_argument("--task", action="append", default=[], metavar="TASK",
+                    help="tasks to score (repeat); default: those found in --results")
+    rp.add_argument("--results", action="append", default=[], metavar="PATH",
+                    help="results.json files or folders searched for them (repeat); "
+                         "matched to models by their model_dir")
+    rp.add_argument("--finetune-missing", action="store_true",
+                    help="fine-tune the (model, task) pairs that have no results first")
+    rp.add_argument("--out", required=True, help="report folder")
+    rp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="report settings (latency_repeats=20 threads=2) or finetune.<key>=")
+    rp.set_defaults(func=_report)
+
+    tk = sub.add_parser("tasks", help="list task recipes; write held-out text hashes")
+    tsub = tk.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
+    ls = tsub.add_parser("list", help="the built-in task recipes")
+    ls.set_defaults(func=_tasks_list)
+    ho = tsub.add_parser("holdout", help="write the doc_hash of every validation/test text "
+                                         "(the prep.holdout file)")
+    ho.add_argument("tasks", nargs="+", help="task names or YAML paths")
+    ho.add_argument("--out", required=True, help="file to write (one sha256 per line)")
+    ho.set_defaults(func=_tasks_holdout)
+
+
+def _split_overrides(overrides: list[str], prefix: str) -> tuple[list[str], list[str]]:
+    """(overrides under ``prefix.`` with the prefix removed, the others)."""
+    mine = [o[len(prefix) + 1:] for o in overrides if o.startswith(prefix + ".")]
+    rest = [o for o in overrides if not o.startswith(prefix + ".")]
+    return mine, rest
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from distill_common.config import load_config
+    from finetune.config import FinetuneConfig
+    from finetune.tasks import load_task
+    from finetune.train import run_task
+
+    task_over, rest = _split_overrides(args.overrides, "task")
+    cfg = load_config(FinetuneConfig, None, rest)
+    task = load_task(args.task, task_over)
+    out = Path(args.out) if args.out else \
+        Path("runs/finetune") / Path(args.model_dir).name / task.name
+    res = run_task(args.model_dir, task, out, cfg)
+    print(json.dumps({"task": res["task"], "metric": res["metric"], "score": res["score"],
+                      "std": res["score_std"], "seeds": len(res["seeds"]),
+                      "saved_model": res["saved_model"], "results": str(out / "results.json")}))
+    return 0
+
+
+def _find_results(paths: list[str]) -> list[dict]:
+    from finetune.tasks import TaskError
+
+    found = []
+    for spec in paths:
+        p = Path(spec)
+        files = [p] if p.is_file() else sorted(p.rglob("results.json")) if p.is_dir() else []
+        if not files:
+            raise TaskError(f"--results {spec}: no results.json there")
+        for f in files:
+            data = json.loads(f.read_text())
+            if "task" in data and "score" in data and "model_dir" in data:
+                found.append(data)
+    return found
+
+
+def _report(args: argparse.Namespace) -> int:
+    from distill_common.assets import resolve_model_dir
+    from distill_common.config import load_config
+    from finetune.config import FinetuneConfig, ReportConfig
+    from finetune.report import build_report
+    from finetune.tasks import TaskError, load_task
+
+    models = {}
+    for spec in args.model:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise TaskError(f"--model {spec!r}: expected NAME=DIR")
+        models[name] = Path(resolve_model_dir(folder))
+    teacher = args.teacher or next(iter(models))
+    ft_over, rest = _split_overrides(args.overrides, "finetune")
+    rest = [o[len("report."):] if o.startswith("report.") else o for o in rest]
+    cfg = load_config(ReportConfig, None, rest)
+    by_path = {str(p.resolve()): n for n, p in models.items()}
+    results: dict[str, dict] = {n: {} for n in models}
+    for res in _find_results(args.results):
+        name = by_path.get(str(Path(res["model_dir"]).resolve()))
+        if name is not None and (not args.task or res["task"] in
+                                 {load_task(t).name for t in args.task}):
+            results[name][res["task"]] = res
+    if args.finetune_missing:
+        from finetune.train import run_task
+
+        ft_cfg = load_config(FinetuneConfig, None, ft_over)
+        for task_spec in args.task or ft_cfg.tasks:
+            task = load_task(task_spec)
+            for name, folder in models.items():
+                if task.name not in results[name]:
+                    out = Path(args.out) / "finetune" / name / task.name
+                    results[name][task.name] = run_task(folder, task, out, ft_cfg)
+    report = build_report(models, results, args.out, teacher, cfg)
+    summary = {name: {"params": row["parameters"], "speedup": row["speedup"],
+                      "scores": {t: e["score"] for t, e in row["tasks"].items()}}
+               for name, row in report["models"].items()}
+    print(json.dumps({"report": str(Path(args.out) / "report.md"), "models": summary}))
+    return 0
+
+
+def _tasks_list(args: argparse.Namespace) -> int:
+    from finetune.tasks import builtin_tasks, load_task
+
+    for name in builtin_tasks():
+        t = load_task(name)
+        src = t.source.corpus or t.source.path or t.source.train
+        print(f"{name:<16} {t.type:<22} metric {t.metric:<10} source {src}")
+    return 0
+
+
+def _tasks_holdout(args: argparse.Namespace) -> int:
+    from finetune.tasks import write_holdout_file
+
+    n = write_holdout_file(args.tasks, args.out)
+    print(f"{n} hashes -> {args.out}")
+    return 0

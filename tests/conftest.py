@@ -47,13 +47,15 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     d = tmp_path_factory.mktemp("tiny_tokenizer")
     vocab = d / "vocab.txt"
     vocab.write_text("\n".join(tiny_vocab()) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True,
-                            model_max_length=512)
+    # transformers 5.x: BertTokenizer is the fast (tokenizers) class and takes `vocab`
+    # (a path or dict); `vocab_file=` is silently ignored and leaves 5 special tokens.
+    tok = BertTokenizer(vocab=str(vocab), do_lower_case=True, model_max_length=512)
+    assert len(tok) == len(tiny_vocab()), len(tok)
     tok.save_pretrained(d)
     return d
 

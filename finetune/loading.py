@@ -1,0 +1,113 @@
+"""Loading Hugging Face model folders for fine-tuning and measuring: checks that say
+what is wrong with a folder (no tokenizer, weights that do not match the config) before
+anything trains."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+from finetune.tasks import TaskConfig, TaskError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+
+
+@contextlib.contextmanager
+def quiet_hf_loading() -> Iterator[None]:
+    """transformers prints a load report listing every fresh head weight as MISSING, and a
+    progress bar, on each load; we check the loading info ourselves and say what matters."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_encoder(model_dir: Path):
+    """The bare encoder (``AutoModel``), in eval mode: what every task head sits on."""
+    from transformers import AutoModel
+
+    check_model_dir(model_dir, need_tokenizer=False)
+    with quiet_hf_loading():
+        model, info = AutoModel.from_pretrained(model_dir, output_loading_info=True)
+    check_loading_info(model_dir, info)
+    return model.eval()
+
+
+def check_model_dir(model_dir: Path, need_tokenizer: bool = True) -> None:
+    if not model_dir.is_dir():
+        raise TaskError(f"{model_dir}: model folder not found")
+    if not (model_dir / "config.json").is_file():
+        raise TaskError(f"{model_dir}: not a Hugging Face model folder (no config.json); "
+                        f"pass a folder written by save_pretrained / `distill export`")
+    if need_tokenizer and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise TaskError(f"{model_dir}: the model folder has no tokenizer (none of "
+                        f"{', '.join(TOKENIZER_FILES)}). Save the teacher's tokenizer into "
+                        f"it: AutoTokenizer.from_pretrained(TEACHER).save_pretrained("
+                        f"'{model_dir}')")
+
+
+def load_tokenizer(model_dir: Path, task: TaskConfig):
+    from transformers import AutoTokenizer
+
+    check_model_dir(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise TaskError(f"{model_dir}: tokenizer does not load: {err}") from None
+    if task.type == "token_classification" and not tok.is_fast:
+        raise TaskError(f"{model_dir}: token classification needs a fast tokenizer "
+                        f"(tokenizer.json) to align words and sub-words")
+    return tok
+
+
+def load_model(model_dir: Path, task: TaskConfig, labels: Optional[list[str]]):
+    """The encoder with a fresh task head: works on bare encoders (BertModel, MPNetModel)
+    and on *ForMaskedLM folders (the MLM head is left out)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    if task.type == "regression":
+        kwargs = {"num_labels": 1, "problem_type": "regression"}
+    else:
+        kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                  "label2id": {lab: i for i, lab in enumerate(labels)}}
+        if task.is_classification:
+            kwargs["problem_type"] = "single_label_classification"
+    auto = AutoModelForTokenClassification if task.type == "token_classification" \
+        else AutoModelForSequenceClassification
+    try:
+        with quiet_hf_loading():
+            model, info = auto.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise TaskError(f"{model_dir}: cannot load as {auto.__name__}: {err}") from None
+    check_loading_info(model_dir, info)
+    return model
+
+
+HEAD_KEYS = ("classifier", "pooler", "score")
+
+
+def check_loading_info(model_dir: Path, info: dict) -> None:
+    """Only the task head (and a pooler the folder may lack) may be freshly initialised;
+    a missing encoder weight means the folder does not hold the model its config says."""
+    missing = sorted(info.get("missing_keys", []))
+    encoder_missing = [k for k in missing if not any(h in k for h in HEAD_KEYS)]
+    if encoder_missing or info.get("mismatched_keys"):
+        raise TaskError(f"{model_dir}: {len(encoder_missing)} encoder weight(s) missing from "
+                        f"the checkpoint (e.g. {encoder_missing[:3]}) and "
+                        f"{len(info.get('mismatched_keys', []))} of the wrong shape: the "
+                        f"weights do not match config.json; export the model again")
+    log.info("%s: fresh %s; %d checkpoint weight(s) not used by the task model%s", model_dir,
+             ", ".join(missing) or "no new weights", len(info.get("unexpected_keys", [])),
+             " (e.g. an MLM head)" if info.get("unexpected_keys") else "")

@@ -1,0 +1,205 @@
+"""The comparison report: what each student kept (score, retention) and what it saved
+(parameters, bytes, latency, speed-up), against the teacher.
+
+``build_report`` measures every model folder the same way (finetune.latency), joins the
+fine-tuning results, and writes report.json, report.md and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from distill_common.fsio import atomic_write_json, atomic_write_text
+from finetune.config import ReportConfig
+from finetune.latency import latency_at, measure
+from finetune.tasks import TaskError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    if num is None or den is None or den == 0:
+        return None
+    return round(num / den, 3)
+
+
+def _task_entry(result: Mapping) -> dict:
+    return {"metric": result["metric"], "score": result["score"],
+            "std": result.get("score_std", 0.0), "split": result.get("score_split"),
+            "seeds": [r["seed"] for r in result.get("seeds", [])],
+            "mean": result.get("mean", {}), "saved_model": result.get("saved_model")}
+
+
+def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mapping[str, Mapping]],
+                 out_dir: "str | Path", teacher: str, cfg: Optional[ReportConfig] = None) -> dict:
+    """Compare ``models`` (name -> HF folder or model asset name) on the tasks in ``results`` (model name ->
+    task name -> run_task dict; a missing pair shows as no score). Retention and
+    speed-up are relative to ``models[teacher]``. Writes report.json, report.md,
+    score_vs_size.png and score_vs_latency.png into ``out_dir``; returns the report."""
+    cfg = cfg or ReportConfig()
+    if teacher not in models:
+        raise TaskError(f"report: teacher {teacher!r} is not one of the models "
+                        f"{sorted(models)}; pass --teacher NAME with a --model NAME=DIR")
+    unknown = sorted(set(results) - set(models))
+    if unknown:
+        raise TaskError(f"report: results for {unknown} but no such model; models are "
+                        f"{sorted(models)}")
+    out_dir = Path(out_dir)
+    threads = cfg.threads or torch.get_num_threads()
+    gpu = cfg.gpu == "auto" and torch.cuda.is_available()
+    tasks = sorted({t for per_model in results.values() for t in per_model})
+    rows: dict[str, dict] = {}
+    from distill_common.assets import resolve_model_dir
+
+    for name, folder in models.items():
+        folder = Path(folder) if Path(folder).is_dir() else resolve_model_dir(str(folder))
+        if not (folder / "config.json").is_file():
+            raise TaskError(f"report: model {name!r}: {folder} is not a Hugging Face model "
+                            f"folder (no config.json)")
+        log.info("report: measuring %s (%s) at %d CPU thread(s)", name, folder, threads)
+        row = measure(folder, cfg.latency_batch_sizes, cfg.latency_seq_len,
+                      cfg.latency_warmup, cfg.latency_repeats, threads, gpu)
+        row["path"] = str(folder)
+        row["size_mb"] = round(row["size_bytes"] / 2**20, 2)
+        row["tasks"] = {t: _task_entry(r) for t, r in results.get(name, {}).items()}
+        rows[name] = row
+    base = rows[teacher]
+    for name, row in rows.items():
+        row["compression"] = _ratio(base["parameters"], row["parameters"])
+        row["speedup"] = {}
+        for where in ("cpu", "gpu"):
+            for b in cfg.latency_batch_sizes:
+                value = _ratio(latency_at(base, where, b), latency_at(row, where, b))
+                if value is not None:
+                    row["speedup"][f"{where}_b{b}"] = value
+        for task, entry in row["tasks"].items():
+            ref = base["tasks"].get(task)
+            entry["retention_pct"] = round(100 * entry["score"] / ref["score"], 2) \
+                if ref and ref["score"] else None
+    report = {"format_version": FORMAT_VERSION, "teacher": teacher, "tasks": tasks,
+              "latency": {"batch_sizes": cfg.latency_batch_sizes, "seq_len": cfg.latency_seq_len,
+                          "warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats,
+                          "cpu_threads": threads, "statistic": "median",
+                          "gpu": torch.cuda.get_device_name() if gpu else None,
+                          "cpu_count": os.cpu_count(), "torch": torch.__version__},
+              "models": rows, "plots": []}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.plots:
+        report["plots"] = write_plots(report, out_dir)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", to_markdown(report))
+    log.info("report written to %s", out_dir)
+    return report
+
+
+# ------------------------------------------------------------------ rendering
+
+def _fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def to_markdown(report: dict) -> str:
+    lat = report["latency"]
+    batches = lat["batch_sizes"]
+    has_gpu = lat["gpu"] is not None
+    teacher = report["teacher"]
+    lines = [f"# Distillation report", "",
+             f"Teacher: **{teacher}**. Latency: bare encoder forward, {lat['seq_len']} tokens, "
+             f"median of {lat['repeats']} runs after {lat['warmup']} warm-up, "
+             f"{lat['cpu_threads']} CPU thread(s)"
+             + (f"; GPU: {lat['gpu']} (bf16)" if has_gpu else "; no GPU") + ".", "",
+             "## Size and speed", ""]
+    head = ["model", "params (M)", "size (MB)", "compression"] + \
+        [f"CPU b{b} (ms)" for b in batches] + [f"CPU seq/s b{batches[-1]}"] + \
+        [f"speed-up CPU b{b}" for b in batches]
+    if has_gpu:
+        head += [f"GPU b{b} (ms)" for b in batches] + [f"speed-up GPU b{b}" for b in batches]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in report["models"].items():
+        cells = [f"**{name}**" if name == teacher else name,
+                 _fmt(row["parameters"] / 1e6, ".2f"), _fmt(row["size_mb"], ".1f"),
+                 _fmt(row["compression"], ".2f", "x")]
+        cells += [_fmt(latency_at(row, "cpu", b), ".1f") for b in batches]
+        cells += [_fmt(row["cpu"][-1]["throughput_seq_per_s"], ".1f")]
+        cells += [_fmt(row["speedup"].get(f"cpu_b{b}"), ".2f", "x") for b in batches]
+        if has_gpu:
+            cells += [_fmt(latency_at(row, "gpu", b), ".2f") for b in batches]
+            cells += [_fmt(row["speedup"].get(f"gpu_b{b}"), ".2f", "x") for b in batches]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Scores", ""]
+    if not report["tasks"]:
+        lines.append("No fine-tuning results were given.")
+    else:
+        lines += ["Score: mean over seeds (± population std) of the task metric on the test "
+                  "split; retention: % of the teacher's score.", ""]
+        head = ["model"] + [f"{t} ({_metric_of(report, t)})" for t in report["tasks"]] + \
+            [f"{t} retention" for t in report["tasks"]]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, row in report["models"].items():
+            cells = [name]
+            for t in report["tasks"]:
+                e = row["tasks"].get(t)
+                cells.append("-" if e is None else
+                             f"{100 * e['score']:.2f} ± {100 * e['std']:.2f} (n={len(e['seeds'])})")
+            for t in report["tasks"]:
+                e = row["tasks"].get(t)
+                cells.append(_fmt(e and e.get("retention_pct"), ".1f", "%"))
+            lines.append("| " + " | ".join(cells) + " |")
+    if report["plots"]:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def _metric_of(report: dict, task: str) -> str:
+    for row in report["models"].values():
+        if task in row["tasks"]:
+            return row["tasks"][task]["metric"]
+    return "?"
+
+
+def write_plots(report: dict, out_dir: Path) -> list[str]:
+    """score_vs_size.png and score_vs_latency.png: one marker per (model, task)."""
+    if not report["tasks"]:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    batch = report["latency"]["batch_sizes"][0]
+    axes_spec = [("score_vs_size.png", "size on disk (MB)", lambda r: r["size_mb"]),
+                 ("score_vs_latency.png", f"CPU latency, batch {batch} (ms)",
+                  lambda r: latency_at(r, "cpu", batch))]
+    written = []
+    for filename, xlabel, xvalue in axes_spec:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+        for task, marker in zip(report["tasks"], "osD^v<>p*h"):
+            pts = [(xvalue(row), 100 * row["tasks"][task]["score"], name)
+                   for name, row in report["models"].items() if task in row["tasks"]]
+            if not pts:
+                continue
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=60,
+                       label=f"{task} ({_metric_of(report, task)})")
+            for x, y, name in pts:
+                weight = "bold" if name == report["teacher"] else "normal"
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4),
+                            fontsize=8, fontweight=weight)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("score (%)")
+        ax.set_title(f"{'Score vs size' if 'size' in filename else 'Score vs latency'} "
+                     f"(teacher: {report['teacher']})")
+        ax.margins(x=0.2, y=0.2)  # room for the name labels
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / filename)
+        plt.close(fig)
+        written.append(filename)
+    return written

@@ -1,0 +1,207 @@
+"""Task recipes: what a downstream task is (type, data, columns, split, metric).
+
+A task is a small YAML file (format in configs/tasks/README.md); the built-in ones are
+``configs/tasks/<name>.yaml``. ``heldout_doc_hashes`` is the contract with data prep: the
+``doc_hash`` of every validation/test text, so evaluation text stays out of the
+distillation shards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from distill_common.config import ConfigError, check, check_choice, load_config
+from finetune.config import HParams
+
+TASK_TYPES = ("classification", "pair_classification", "regression", "token_classification")
+FORMATS = ("csv", "tsv", "jsonl", "parquet", "datasets")
+METRICS = {
+    "classification": ("accuracy", "macro_f1", "mcc"),
+    "pair_classification": ("accuracy", "macro_f1", "mcc"),
+    "regression": ("pearson", "spearman"),
+    "token_classification": ("entity_f1", "token_accuracy"),
+}
+
+
+class TaskError(ValueError):
+    """A task or its data that cannot be used; the message names the file, column or
+    label and the fix. Raised before any training starts."""
+
+
+@dataclass
+class SourceConfig:
+    """Where the examples come from: one named corpus, one file/folder to split, or
+    given split files."""
+
+    corpus: Optional[str] = None
+    """A named labelled corpus read with distill_common.corpora (bbc_news,
+    wiki_summaries); columns `id`, `text`, `label`."""
+    path: Optional[str] = None
+    """One file or `datasets` folder; split below unless it is a DatasetDict with
+    validation/test splits."""
+    train: Optional[str] = None
+    """Training split file (with `validation`/`test`, given splits)."""
+    validation: Optional[str] = None
+    """Validation split file; carved out of train (split.validation) when absent."""
+    test: Optional[str] = None
+    """Test split file; when absent (and train is given) the score is on validation."""
+    format: Optional[str] = None
+    """csv, tsv, jsonl, parquet or datasets (a save_to_disk folder); default: from the
+    suffix (.csv .tsv .jsonl/.json .parquet, a folder = datasets)."""
+
+    def __post_init__(self):
+        check(not ((self.validation or self.test) and not self.train), "validation",
+              "source.validation / source.test need source.train")
+        if self.format is not None:
+            check_choice(self.format, "format", FORMATS)
+
+
+@dataclass
+class ColumnsConfig:
+    """Which column of the data holds what (token tasks: word list and tag list)."""
+
+    text: str = "text"
+    """The text (token tasks: a list of words, or a whitespace-separated string)."""
+    text_pair: Optional[str] = None
+    """The second text of a pair task."""
+    label: str = "label"
+    """Class name, number (regression) or tag list (token tasks: BIO tags per word)."""
+
+
+@dataclass
+class SplitConfig:
+    """The seeded, deterministic split used where the data gives no split."""
+
+    validation: float = 0.1
+    """Fraction of examples held out for validation (early stopping)."""
+    test: float = 0.1
+    """Fraction held out for the test score (ignored when a test split is given)."""
+    seed: int = 0
+    """Split seed; the same seed gives the same split on every machine."""
+    stratify: bool = True
+    """Keep class proportions in every split (classification tasks)."""
+
+    def __post_init__(self):
+        check(0 < self.validation < 1, "validation", f"must be in (0, 1), got {self.validation}")
+        check(0 <= self.test < 1, "test", f"must be in [0, 1), got {self.test}")
+        check(self.validation + self.test < 1, "test", "validation + test must be < 1")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass
+class TaskConfig:
+    """One downstream task recipe."""
+
+    name: str = "task"
+    """Task name: folder names and report columns."""
+    type: str = "classification"
+    """classification, pair_classification, regression or token_classification (BIO)."""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    labels: Optional[List[str]] = None
+    """Fixed label order (class names or tags); default: sorted labels of the train split.
+    Every listed label must occur in the training data."""
+    metric: Optional[str] = None
+    """Score for early stopping and the report; default accuracy (classification),
+    pearson (regression), entity_f1 (token)."""
+    drop_labels: List[str] = field(default_factory=list)
+    """Examples with these labels are dropped before splitting (e.g. a catch-all class)."""
+    dedupe: bool = True
+    """Drop repeated texts (same doc_hash) before splitting, so no text is in two splits."""
+    train: HParams = field(default_factory=HParams)
+    """This task's hyperparameter defaults (the run's finetune section wins)."""
+    base_dir: Optional[str] = None
+    """Folder relative data paths are resolved against (set to the YAML's folder)."""
+
+    def __post_init__(self):
+        check(bool(self.name.strip()) and "/" not in self.name, "name",
+              f"must be a non-empty name without '/', got {self.name!r}")
+        check_choice(self.type, "type", TASK_TYPES)
+        given = [n for n in ("corpus", "path", "train") if getattr(self.source, n)]
+        check(len(given) == 1, "source", "give exactly one of source.corpus, source.path, "
+              f"source.train (got {given or 'none'})")
+        check(self.type == "pair_classification" or self.columns.text_pair is None,
+              "columns.text_pair", f"only pair_classification tasks have a second text "
+              f"(type is {self.type})")
+        check(self.type != "pair_classification" or self.columns.text_pair is not None,
+              "columns.text_pair", "a pair_classification task needs columns.text_pair")
+        check(self.type != "regression" or self.labels is None, "labels",
+              "a regression task has no label list")
+        if self.labels is not None:
+            check(len(set(self.labels)) == len(self.labels) and len(self.labels) >= 2,
+                  "labels", f"need >= 2 distinct labels, got {self.labels}")
+        if self.metric is None:
+            self.metric = METRICS[self.type][0]
+        check_choice(self.metric, "metric", METRICS[self.type])
+
+    @property
+    def is_classification(self) -> bool:
+        return self.type in ("classification", "pair_classification")
+
+
+def tasks_dir() -> Path:
+    """The shipped task recipes: ``configs/tasks`` (or ``$DISTILL_CONFIGS_DIR/tasks``)."""
+    env = os.environ.get("DISTILL_CONFIGS_DIR")
+    root = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    return root / "tasks"
+
+
+def builtin_tasks() -> list[str]:
+    return sorted(p.stem for p in tasks_dir().glob("*.yaml"))
+
+
+def resolve_task_path(name_or_path: str) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise TaskError(f"{p}: task recipe not found")
+        return p
+    candidate = tasks_dir() / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise TaskError(f"unknown task {name_or_path!r}: not a YAML file and not a built-in "
+                        f"task ({', '.join(builtin_tasks()) or 'none found in ' + str(tasks_dir())})")
+    return candidate
+
+
+def load_task(task: "str | Path | TaskConfig", overrides: Sequence[str] = ()) -> TaskConfig:
+    """A TaskConfig from a built-in name, a YAML path or a TaskConfig (returned as is)."""
+    if isinstance(task, TaskConfig):
+        return task
+    path = resolve_task_path(str(task))
+    try:
+        cfg = load_config(TaskConfig, path, overrides)
+    except ConfigError as err:
+        raise TaskError(str(err)) from None
+    if cfg.base_dir is None:
+        cfg.base_dir = str(path.resolve().parent)
+    return cfg
+
+
+def heldout_doc_hashes(task: "str | Path | TaskConfig") -> set[str]:
+    """doc_hash of every validation and test text of the task's deterministic split
+    (both texts of a pair; a token task's words joined by spaces). Prep excludes these
+    from the distillation shards (``prep.holdout``)."""
+    from finetune.data import load_task_data  # reads the data; keep `tasks` light
+
+    data = load_task_data(load_task(task))
+    return data.heldout_hashes()
+
+
+def write_holdout_file(tasks: "str | Path | TaskConfig | Sequence", path: str | Path) -> int:
+    """Write the held-out hashes of one task or several, one per line (the
+    ``prep.holdout`` format, comments start with #); returns how many."""
+    from distill_common.fsio import atomic_write_text
+
+    specs = list(tasks) if isinstance(tasks, (list, tuple)) else [tasks]
+    configs = [load_task(t) for t in specs]
+    hashes: set[str] = set()
+    for cfg in configs:
+        hashes |= heldout_doc_hashes(cfg)
+    names = ", ".join(c.name for c in configs)
+    atomic_write_text(path, f"# held-out validation/test texts of task(s) {names}\n"
+                      + "".join(h + "\n" for h in sorted(hashes)))
+    return len(hashes)

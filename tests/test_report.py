@@ -1,0 +1,123 @@
+"""`distill report`: measured fields, retention and speed-up against the teacher, the
+markdown table and the PNG plots; the CLI joins results.json files to models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+WORDS = "the a of river king war water game team north south light film".split()
+
+
+def save_bert(folder: Path, layers: int, hidden: int) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizer(vocab=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, intermediate_size=hidden * 4,
+                     max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair_of_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("report_models")
+    return {"teacher": save_bert(root / "teacher", 4, 128),
+            "student": save_bert(root / "student", 1, 64)}
+
+
+def fake_result(model_dir: Path, task: str, score: float, std: float = 0.01) -> dict:
+    return {"task": task, "metric": "accuracy", "model_dir": str(model_dir), "score": score,
+            "score_std": std, "score_split": "test", "mean": {"accuracy": score},
+            "seeds": [{"seed": 0}, {"seed": 1}], "saved_model": None}
+
+
+FAST = dict(latency_batch_sizes=[1, 4], latency_seq_len=16, latency_warmup=1,
+            latency_repeats=3, threads=1)
+
+
+def test_build_report_fields_retention_speedup_and_plots(tmp_path, pair_of_models):
+    from finetune.config import ReportConfig
+    from finetune.report import build_report
+
+    results = {"teacher": {"topics": fake_result(pair_of_models["teacher"], "topics", 0.90)},
+               "student": {"topics": fake_result(pair_of_models["student"], "topics", 0.81)}}
+    report = build_report(pair_of_models, results, tmp_path / "rep", "teacher",
+                          ReportConfig(**FAST))
+    t, s = report["models"]["teacher"], report["models"]["student"]
+    assert t["parameters"] > s["parameters"] > 0
+    assert t["size_bytes"] > s["size_bytes"] > 0
+    assert t["size_mb"] == pytest.approx(t["size_bytes"] / 2**20, abs=0.01)
+    assert s["compression"] == pytest.approx(t["parameters"] / s["parameters"], rel=1e-3)
+    assert [r["batch"] for r in s["cpu"]] == [1, 4] and s["cpu_threads"] == 1
+    for row in s["cpu"]:
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["throughput_seq_per_s"] == pytest.approx(
+            row["batch"] / (row["median_ms"] / 1000), rel=1e-2)
+    assert s["speedup"]["cpu_b4"] == pytest.approx(
+        t["cpu"][1]["median_ms"] / s["cpu"][1]["median_ms"], rel=1e-2)
+    assert t["speedup"]["cpu_b1"] == pytest.approx(1.0)
+    assert s["tasks"]["topics"]["retention_pct"] == pytest.approx(90.0)
+    assert t["tasks"]["topics"]["retention_pct"] == pytest.approx(100.0)
+
+    out = tmp_path / "rep"
+    assert json.loads((out / "report.json").read_text())["teacher"] == "teacher"
+    md = (out / "report.md").read_text()
+    assert "| student |" in md and "90.0%" in md and "81.00 ± 1.00 (n=2)" in md
+    for png in ("score_vs_size.png", "score_vs_latency.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({png})" in md
+
+
+def test_report_without_scores_and_bad_teacher(tmp_path, pair_of_models):
+    from finetune.config import ReportConfig
+    from finetune.report import build_report
+    from finetune.tasks import TaskError
+
+    report = build_report(pair_of_models, {}, tmp_path / "rep", "teacher",
+                          ReportConfig(**FAST))
+    assert report["tasks"] == [] and report["plots"] == []
+    assert "No fine-tuning results" in (tmp_path / "rep" / "report.md").read_text()
+    with pytest.raises(TaskError, match="teacher 'bert' is not one of the models"):
+        build_report(pair_of_models, {}, tmp_path / "rep2", "bert", ReportConfig(**FAST))
+
+
+def test_report_cli_joins_results_and_finetunes_missing(tmp_path, pair_of_models, capsys):
+    """The teacher's result comes from a results.json; the student's is fine-tuned by
+    --finetune-missing (through run_task), then both land in the report."""
+    import pandas as pd
+
+    from distill_cli.main import main
+
+    res_dir = tmp_path / "results" / "teacher"
+    res_dir.mkdir(parents=True)
+    (res_dir / "results.json").write_text(json.dumps(
+        fake_result(pair_of_models["teacher"], "topics", 0.5)))
+    pd.DataFrame([{"text": f"the {w} {w}", "label": "x" if i % 2 else "y"}
+                  for i, w in enumerate(WORDS * 4)]).to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "topics.yaml").write_text("name: topics\nsource: {path: d.csv}\n")
+    rc = main(["report", "--model", f"teacher={pair_of_models['teacher']}",
+               "--model", f"student={pair_of_models['student']}", "--teacher", "teacher",
+               "--task", str(tmp_path / "topics.yaml"), "--results", str(tmp_path / "results"),
+               "--finetune-missing", "--out", str(tmp_path / "rep"),
+               "latency_batch_sizes=[1]", "latency_repeats=2", "latency_seq_len=8",
+               "finetune.epochs=1", "finetune.precision=fp32", "finetune.save_model=none"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["models"]["teacher"]["scores"] == {"topics": 0.5}
+    student = json.loads((tmp_path / "rep" / "report.json").read_text())["models"]["student"]
+    ft = json.loads((tmp_path / "rep" / "finetune" / "student" / "topics" / "results.json")
+                    .read_text())
+    assert student["tasks"]["topics"]["score"] == ft["score"]
+    assert student["tasks"]["topics"]["retention_pct"] == pytest.approx(
+        100 * ft["score"] / 0.5, abs=0.01)
