@@ -1,17 +1,39 @@
-"""Typed configs of the models and objectives (`teacher:`, `student:`, `objective:`)."""
+"""Typed configs of the models and objectives (`teacher:`, `student:`, `objective:`).
+
+Only structural checks live here (no model files are read); the checks that need the
+teacher's config and weights are in ``distill_pretrain.validate``.
+
+Layer numbers follow the Hugging Face ``hidden_states`` convention: 0 is the embedding
+output, ``k`` (1..L) is the output of the k-th transformer layer; attention and Q/K/V of
+layer ``k`` are those computed inside the k-th layer.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
 
-from distill_common.config import check
+from distill_common.config import check, check_choice
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class RecipeValidationError(ValueError):
+    """The recipe does not fit its teacher (layers, heads, widths, MLM head, vocabulary);
+    the message names the recipe key, the teacher folder and the fix."""
 
 
 @dataclass
 class TeacherConfig:
     path: str = "minilm_l6"
     """A Hugging Face model folder, or the name of an asset (`distill assets list`)."""
+    dtype: Optional[str] = None
+    """float32 | bfloat16 | float16; default: the training precision the trainer passes."""
+
+    def __post_init__(self):
+        check(bool(self.path.strip()), "path", "must name a model folder or asset")
+        if self.dtype is not None:
+            check_choice(self.dtype, "dtype", DTYPES)
 
 
 @dataclass
@@ -20,11 +42,207 @@ class StudentConfig:
     """Transformer layers of the student."""
     hidden_size: Optional[int] = None
     """Width; default: the teacher's."""
+    num_heads: Optional[int] = None
+    """Attention heads; default: the teacher's at the teacher's width, else hidden_size/64."""
+    intermediate_size: Optional[int] = None
+    """Feed-forward width; default: the teacher's ratio (usually 4x) times hidden_size."""
+    init: str = "auto"
+    """auto | teacher_layers | random. auto: copy teacher layers when the student has the
+    teacher's width, heads and feed-forward size and at most its depth, else random."""
+    teacher_layers: Optional[List[int]] = None
+    """Teacher layers (1..L) copied into student layers 1..num_layers when init copies
+    layers; default: evenly spaced from first to last (DistilBERT: 1,3,5,8,10,12 of 12)."""
+    embedding_init: str = "auto"
+    """auto | copy | svd | random. auto: copy at the teacher's width, else svd (the
+    teacher's embeddings projected on their top singular directions)."""
+    attention_dropout: Optional[float] = None
+    """Attention-probability dropout; default: the teacher's. Attention objectives compare
+    the pre-dropout distribution, so dropout only regularises the student."""
+    hidden_dropout: Optional[float] = None
+    """Hidden dropout; default: the teacher's."""
 
     def __post_init__(self):
         check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
+        for name in ("hidden_size", "num_heads", "intermediate_size"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        if self.hidden_size is not None and self.num_heads is not None:
+            check(self.hidden_size % self.num_heads == 0, "num_heads",
+                  f"must divide hidden_size={self.hidden_size}, got {self.num_heads}")
+        check_choice(self.init, "init", ("auto", "teacher_layers", "random"))
+        check_choice(self.embedding_init, "embedding_init", ("auto", "copy", "svd", "random"))
+        if self.teacher_layers is not None:
+            check(len(self.teacher_layers) == self.num_layers, "teacher_layers",
+                  f"lists {len(self.teacher_layers)} layers for num_layers="
+                  f"{self.num_layers}; give one teacher layer per student layer")
+            check(all(k >= 1 for k in self.teacher_layers), "teacher_layers",
+                  f"layers are numbered from 1, got {self.teacher_layers}")
+            check(self.init != "random", "teacher_layers",
+                  "is set but init=random copies no layers; drop one of the two")
+        for name in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            check(value is None or 0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+
+
+# ------------------------------------------------------------------ objectives
+
+LAYER_MAPS = ("uniform", "last", "pairs")
+
+
+def _check_weight(weight: float) -> None:
+    check(weight > 0, "weight", f"must be > 0 (remove the section to disable it), got "
+                                f"{weight}")
+
+
+def parse_layer_choice(value: str) -> str | int:
+    """'last' | 'upper_middle' | '7' -> the name, or the layer number."""
+    if value in ("last", "upper_middle"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"must be 'last', 'upper_middle' or a layer number, got "
+                         f"{value!r}") from None
+
+
+def _check_layer_choice(value: str, field: str) -> None:
+    try:
+        choice = parse_layer_choice(value)
+    except ValueError as err:
+        check(False, field, str(err))
+    else:
+        check(not isinstance(choice, int) or choice >= 1, field,
+              f"layers are numbered from 1 (0 is the embeddings), got {value}")
+
+
+@dataclass
+class LogitKLConfig:
+    """DistilBERT soft targets: KL(teacher || student) of MLM distributions at temperature
+    T, scaled by T^2. Needs a teacher with an MLM head."""
+    weight: float = 1.0
+    """Weight in the total loss."""
+    temperature: float = 2.0
+    """Softmax temperature T of both distributions."""
+    positions: str = "masked"
+    """masked (positions with a label; cheap) | all (every non-padding position)."""
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check_choice(self.positions, "positions", ("masked", "all"))
+
+
+@dataclass
+class MLMConfig:
+    """The student's own masked-LM cross-entropy on the masked labels."""
+    weight: float = 1.0
+    """Weight in the total loss."""
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+
+
+@dataclass
+class LastLayerConfig:
+    """An objective on one student layer against one teacher layer."""
+    weight: float = 1.0
+    """Weight in the total loss."""
+    student_layer: str = "last"
+    """'last' or a layer number 1..L of the student."""
+    teacher_layer: str = "last"
+    """'last', 'upper_middle' (layer L - L//8: 21 of 24, as MiniLMv2 for large teachers)
+    or a layer number 1..L of the teacher."""
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+        _check_layer_choice(self.student_layer, "student_layer")
+        check(self.student_layer != "upper_middle", "student_layer",
+              "upper_middle is for the teacher; use 'last' or a number")
+        _check_layer_choice(self.teacher_layer, "teacher_layer")
+
+
+@dataclass
+class LayerMapConfig:
+    """An objective on several (student layer, teacher layer) pairs (TinyBERT)."""
+    weight: float = 1.0
+    """Weight in the total loss."""
+    layer_map: str = "uniform"
+    """uniform (student m <- teacher m*L_t/L_s) | last (last <- last) | pairs."""
+    pairs: Optional[List[List[int]]] = None
+    """With layer_map=pairs: [[student_layer, teacher_layer], ...], layers from 1."""
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+        check_choice(self.layer_map, "layer_map", LAYER_MAPS)
+        if self.layer_map == "pairs":
+            check(bool(self.pairs), "pairs", "layer_map=pairs needs pairs: [[s, t], ...]")
+            for pair in self.pairs:
+                check(len(pair) == 2 and min(pair) >= 1, "pairs",
+                      f"each pair is [student_layer, teacher_layer] numbered from 1, got "
+                      f"{pair}")
+        else:
+            check(self.pairs is None, "pairs", f"is only read with layer_map=pairs (got "
+                                               f"layer_map={self.layer_map})")
+
+
+@dataclass
+class WeightOnlyConfig:
+    weight: float = 1.0
+    """Weight in the total loss."""
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+
+
+@dataclass
+class RelationKLConfig(LastLayerConfig):
+    """MiniLMv2: Q-Q, K-K, V-V self-attention relations with R relation heads."""
+    relation_heads: int = 48
+    """R: each model's Q/K/V (all heads concatenated) is re-split into R heads; both widths
+    must divide by R (48 for base teachers, 64 for large ones in the paper)."""
+    relations: List[str] = field(default_factory=lambda: ["qq", "kk", "vv"])
+    """Which of qq, kk, vv (each weighted equally)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.relation_heads >= 1, "relation_heads",
+              f"must be >= 1, got {self.relation_heads}")
+        check(len(self.relations) > 0, "relations", "name at least one of qq, kk, vv")
+        for rel in self.relations:
+            check_choice(rel, "relations", ("qq", "kk", "vv"))
+        check(len(set(self.relations)) == len(self.relations), "relations",
+              f"lists a relation twice: {self.relations}")
 
 
 @dataclass
 class ObjectiveConfig:
-    pass
+    """The distillation objective: a weighted sum of the sections that are set (null or
+    absent = off; at least one must be set, checked by validate_recipe). Published mixes
+    are in configs/*.yaml."""
+    logit_kl: Optional[LogitKLConfig] = None
+    """DistilBERT soft-target KL on MLM logits (teacher needs an MLM head)."""
+    mlm: Optional[MLMConfig] = None
+    """Student masked-LM cross-entropy."""
+    hidden_cosine: Optional[LastLayerConfig] = None
+    """DistilBERT: 1 - cos(student, teacher) hidden states (equal widths)."""
+    hidden_mse: Optional[LayerMapConfig] = None
+    """TinyBERT: MSE(student hidden W_h, teacher hidden), W_h learned when widths differ."""
+    attention_score_mse: Optional[LayerMapConfig] = None
+    """TinyBERT: MSE of pre-softmax attention scores (equal head counts)."""
+    embedding_mse: Optional[WeightOnlyConfig] = None
+    """TinyBERT: MSE(student embeddings W_e, teacher embeddings)."""
+    attention_kl: Optional[LastLayerConfig] = None
+    """MiniLM: KL of self-attention distributions per head (equal head counts)."""
+    value_relation_kl: Optional[LastLayerConfig] = None
+    """MiniLM: KL of softmax(V V^T / sqrt(d_head)) per head (equal head counts)."""
+    qkv_relation_kl: Optional[RelationKLConfig] = None
+    """MiniLMv2: KL of Q-Q, K-K, V-V relations with R relation heads (any widths)."""
+
+    def active(self) -> dict[str, object]:
+        """Name -> section of every objective that is on, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    @property
+    def needs_mlm_logits(self) -> bool:
+        return self.logit_kl is not None or self.mlm is not None

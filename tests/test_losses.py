@@ -1,0 +1,278 @@
+"""Each loss against a naive implementation written from the paper's formula (explicit
+loops over rows, heads and positions), plus the shared properties: zero at equality,
+padding invariance, no NaN on all-padding rows, fp32 for bf16 inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill_pretrain import losses
+
+B, S = 2, 5
+
+
+def _mask():
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, 3:] = 0  # second sequence: 3 real tokens, 2 padding
+    return mask
+
+
+def _softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def _kl(p, q):
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0)
+
+
+def _real(mask, b):
+    return [i for i in range(mask.shape[1]) if mask[b, i]]
+
+
+# ------------------------------------------------------------------ naive references
+
+
+def naive_soft_target_kl(s, t, T):
+    rows = [_kl(_softmax((t[n] / T).tolist()), _softmax((s[n] / T).tolist()))
+            for n in range(s.shape[0])]
+    return sum(rows) / len(rows) * T * T
+
+
+def naive_mlm(s, labels):
+    vals = [-math.log(_softmax(s[n].tolist())[int(labels[n])])
+            for n in range(s.shape[0]) if labels[n] != -100]
+    return sum(vals) / len(vals)
+
+
+def naive_cosine(hs, ht, mask):
+    vals = []
+    for b in range(B):
+        for i in _real(mask, b):
+            a, c = hs[b, i].tolist(), ht[b, i].tolist()
+            dot = sum(x * y for x, y in zip(a, c))
+            na, nc = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in c))
+            vals.append(1 - dot / (na * nc))
+    return sum(vals) / len(vals)
+
+
+def naive_token_mse(hs, ht, mask):
+    vals = []
+    for b in range(B):
+        for i in _real(mask, b):
+            d = hs.shape[-1]
+            vals.append(sum((hs[b, i, f] - ht[b, i, f]).item() ** 2 for f in range(d)) / d)
+    return sum(vals) / len(vals)
+
+
+def naive_scores(q, k, heads, b, h):
+    d = q.shape[-1] // heads
+    cols = slice(h * d, (h + 1) * d)
+    n = q.shape[1]
+    return [[float(q[b, i, cols] @ k[b, j, cols]) / math.sqrt(d) for j in range(n)]
+            for i in range(n)]
+
+
+def naive_score_mse(qs, ks, qt, kt, heads, mask):
+    vals = []
+    for b in range(B):
+        real = _real(mask, b)
+        for h in range(heads):
+            ss, st = naive_scores(qs, ks, heads, b, h), naive_scores(qt, kt, heads, b, h)
+            vals += [(ss[i][j] - st[i][j]) ** 2 for i in real for j in real]
+    return sum(vals) / len(vals)
+
+
+def naive_distribution_kl(xs_s, xs_t, heads_s, heads_t, mask, y_s=None, y_t=None):
+    """Per (batch, head, real query): KL over real keys of softmax(x_i . y_j / sqrt d)."""
+    y_s = xs_s if y_s is None else y_s
+    y_t = xs_t if y_t is None else y_t
+    vals = []
+    for b in range(B):
+        real = _real(mask, b)
+        for h in range(heads_s):
+            ss, st = naive_scores(xs_s, y_s, heads_s, b, h), naive_scores(xs_t, y_t, heads_t, b, h)
+            for i in real:
+                vals.append(_kl(_softmax([st[i][j] for j in real]),
+                                _softmax([ss[i][j] for j in real])))
+    return sum(vals) / len(vals)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _inputs(seed=0, width_s=8, width_t=12):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    return {"logits_s": r(4, 7), "logits_t": r(4, 7),
+            "hs": r(B, S, width_s), "ht": r(B, S, width_s), "ht_wide": r(B, S, width_t),
+            "qs": r(B, S, width_s), "ks": r(B, S, width_s), "vs": r(B, S, width_s),
+            "qt": r(B, S, width_s), "kt": r(B, S, width_s),
+            "xt_wide": r(B, S, width_t)}
+
+
+def test_soft_target_kl_matches_formula():
+    x = _inputs()
+    got = losses.soft_target_kl(x["logits_s"], x["logits_t"], 2.0)
+    assert got.item() == pytest.approx(naive_soft_target_kl(x["logits_s"], x["logits_t"], 2.0),
+                                       rel=1e-5)
+    assert got.dtype == torch.float32
+
+
+def test_mlm_cross_entropy_matches_formula():
+    x = _inputs()
+    labels = torch.tensor([3, -100, 0, 6])
+    got = losses.mlm_cross_entropy(x["logits_s"], labels)
+    assert got.item() == pytest.approx(naive_mlm(x["logits_s"], labels), rel=1e-5)
+
+
+def test_hidden_cosine_and_mse_match_formula():
+    x, mask = _inputs(), _mask()
+    assert losses.hidden_cosine(x["hs"], x["ht"], mask).item() == pytest.approx(
+        naive_cosine(x["hs"], x["ht"], mask), rel=1e-5)
+    assert losses.hidden_mse(x["hs"], x["ht"], mask).item() == pytest.approx(
+        naive_token_mse(x["hs"], x["ht"], mask), rel=1e-5)
+    assert losses.embedding_mse(x["hs"], x["ht"], mask).item() == pytest.approx(
+        naive_token_mse(x["hs"], x["ht"], mask), rel=1e-5)
+
+
+def test_attention_losses_match_formula():
+    x, mask, heads = _inputs(), _mask(), 2
+    s_scores = losses.attention_scores(x["qs"], x["ks"], heads)
+    t_scores = losses.attention_scores(x["qt"], x["kt"], heads)
+    assert losses.attention_score_mse(s_scores, t_scores, mask).item() == pytest.approx(
+        naive_score_mse(x["qs"], x["ks"], x["qt"], x["kt"], heads, mask), rel=1e-5)
+    assert losses.attention_kl(s_scores, t_scores, mask).item() == pytest.approx(
+        naive_distribution_kl(x["qs"], x["qt"], heads, heads, mask, x["ks"], x["kt"]),
+        rel=1e-4)
+
+
+def test_value_relation_kl_matches_formula():
+    x, mask, heads = _inputs(), _mask(), 4
+    got = losses.value_relation_kl(x["vs"], x["qt"], heads, mask)
+    assert got.item() == pytest.approx(naive_distribution_kl(x["vs"], x["qt"], heads, heads,
+                                                             mask), rel=1e-4)
+
+
+def test_relation_kl_across_widths_matches_formula():
+    """MiniLMv2: student width 8, teacher width 12, R=4 relation heads of 2 and 3."""
+    x, mask = _inputs(), _mask()
+    got = losses.relation_kl(x["qs"], x["xt_wide"], 4, mask)
+    assert got.item() == pytest.approx(naive_distribution_kl(x["qs"], x["xt_wide"], 4, 4, mask),
+                                       rel=1e-4)
+
+
+def _all_losses(x, mask):
+    """name -> loss(student tensors) for the properties shared by every loss."""
+    heads = 2
+    t_scores = losses.attention_scores(x["qt"], x["kt"], heads)
+    return {
+        "hidden_cosine": lambda s: losses.hidden_cosine(s["hs"], x["ht"], mask),
+        "hidden_mse": lambda s: losses.hidden_mse(s["hs"], x["ht"], mask),
+        "embedding_mse": lambda s: losses.embedding_mse(s["hs"], x["ht"], mask),
+        "attention_score_mse": lambda s: losses.attention_score_mse(
+            losses.attention_scores(s["qs"], s["ks"], heads), t_scores, mask),
+        "attention_kl": lambda s: losses.attention_kl(
+            losses.attention_scores(s["qs"], s["ks"], heads), t_scores, mask),
+        "value_relation_kl": lambda s: losses.value_relation_kl(s["vs"], x["qt"], heads, mask),
+        "relation_kl": lambda s: losses.relation_kl(s["qs"], x["xt_wide"], 4, mask),
+    }
+
+
+def test_zero_when_student_equals_teacher():
+    x, mask = _inputs(), _mask()
+    same = dict(x, hs=x["ht"], qs=x["qt"], ks=x["kt"], vs=x["qt"])
+    for name, fn in _all_losses(x, mask).items():
+        if name == "relation_kl":
+            value = losses.relation_kl(x["xt_wide"], x["xt_wide"], 4, mask)
+        else:
+            value = fn(same)
+        assert abs(value.item()) < 1e-6, name
+    assert losses.soft_target_kl(x["logits_t"], x["logits_t"], 2.0).item() == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+def _pad(t, extra=3, seed=7):
+    """Append ``extra`` junk positions on the sequence axis."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([t, torch.randn(t.shape[0], extra, *t.shape[2:], generator=g,
+                                     dtype=t.dtype) * 50], dim=1)
+
+
+def test_padding_never_counts():
+    x, mask = _inputs(), _mask()
+    reference = {name: fn(x).item() for name, fn in _all_losses(x, mask).items()}
+    padded = {k: (_pad(v) if v.dim() == 3 else v) for k, v in x.items()}
+    padded_mask = torch.cat([mask, torch.zeros(B, 3, dtype=torch.long)], dim=1)
+    for name, fn in _all_losses(padded, padded_mask).items():
+        assert fn(padded).item() == pytest.approx(reference[name], rel=1e-6, abs=1e-9), name
+
+
+def test_all_padding_row_and_empty_batch_give_no_nan():
+    x = _inputs()
+    mask = _mask()
+    mask[0] = 0  # the first sequence is all padding
+    for name, fn in _all_losses(x, mask).items():
+        assert torch.isfinite(fn(x)), name
+    nothing = torch.zeros(B, S, dtype=torch.long)
+    for name, fn in _all_losses(x, nothing).items():
+        value = fn(x)
+        assert value.item() == 0.0, name
+    empty = torch.zeros(0, 7, requires_grad=True)
+    assert losses.soft_target_kl(empty, empty.detach(), 2.0).item() == 0.0
+    assert losses.mlm_cross_entropy(x["logits_s"], torch.full((4,), -100)).item() == 0.0
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    x, mask = _inputs(), _mask()
+    low = {k: v.to(torch.bfloat16) for k, v in x.items()}
+    as32 = {k: v.to(torch.float32) for k, v in low.items()}
+    for name, fn in _all_losses(low, mask).items():
+        value = fn(low)
+        assert value.dtype == torch.float32, name
+    s = losses.relation_kl(low["qs"], low["xt_wide"], 4, mask)
+    assert s.item() == pytest.approx(
+        losses.relation_kl(as32["qs"], as32["xt_wide"], 4, mask).item(), rel=1e-5)
+
+
+def test_gradients_flow_to_student_inputs_only():
+    x, mask = _inputs(), _mask()
+    student = {k: v.clone().requires_grad_(True) for k, v in x.items()
+               if k in ("hs", "qs", "ks", "vs")}
+    inputs = dict(x, **student)
+    total = sum(fn(inputs) for fn in _all_losses(x, mask).values())
+    total.backward()
+    for k, v in student.items():
+        assert v.grad is not None and v.grad.abs().sum() > 0, k
+        # padding positions receive no gradient
+        assert v.grad[1, 3:].abs().sum() == 0, k
+
+
+def test_relation_kl_memory_saving_backward_matches_autograd():
+    """The recomputing backward of relation_kl gives autograd's gradient."""
+    x, mask = _inputs(), _mask()
+    mask[0] = 0  # include an all-padding row
+    student = x["qs"].float().clone().requires_grad_(True)
+    target = losses.target_distribution(losses.relation_scores(x["xt_wide"], 4), mask)
+    fused = losses.relation_kl_to_target(student, 4, *target, mask)
+    (grad_fused,) = torch.autograd.grad(fused, student)
+    plain = losses.kl_to_target(losses.relation_scores(student, 4), *target, mask)
+    (grad_plain,) = torch.autograd.grad(plain, student)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+    torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-4, atol=1e-7)
+    assert grad_fused.abs().sum() > 0
+
+
+def test_fp32_inside_autocast():
+    x, mask = _inputs(), _mask()
+    student = x["qs"].float()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        scores = losses.attention_scores(student, student, 2)
+        value = losses.relation_kl(student, x["xt_wide"].float(), 4, mask)
+    assert scores.dtype == torch.float32
+    assert value.item() == pytest.approx(
+        losses.relation_kl(student, x["xt_wide"].float(), 4, mask).item(), rel=1e-6)
