@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `distill config show ... | head`
+        sys.stderr.close()
+        return 0
     except Exception as err:  # stage errors with a user-facing message
         if type(err).__name__.endswith(("UserError", "PrepError", "ValidationError",
                                        "RecipeError", "LaunchError", "DataError",
