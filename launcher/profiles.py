@@ -1,0 +1,298 @@
+"""Cluster profiles: *where* and *how* a recipe runs, never *what* it computes.
+
+A profile is a small YAML file under ``cluster/`` (or any path) whose ``kind`` picks one of
+the typed dataclasses below; it is parsed with the same loader as recipes
+(``distill_common.config.load_config``), so unknown keys, wrong types and bad values are
+errors that name the file and the key. Training settings (steps, batch size, precision,
+ZeRO stage) live in the recipe; a profile only says how many nodes, processes, GPUs,
+which partition or Ray address, and how to set up the environment on the nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import yaml
+
+from distill_common.config import ConfigError, check, check_choice, load_config
+
+KINDS = ("local", "torchrun", "deepspeed", "slurm", "ray")
+
+# Slurm option values that go on `#SBATCH` lines, which sbatch parses itself (not a shell):
+# we only let through characters that need no quoting there.
+_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:+@%=/-]+$")
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env(env: Dict[str, str]) -> None:
+    for name in env:
+        check(bool(_ENV_NAME.match(name)), f"env.{name}",
+              "is not a valid environment variable name (letters, digits, _)")
+
+
+def _check_gpus(nproc_per_node: int, gpus_per_node: int) -> None:
+    check(gpus_per_node >= 0, "gpus_per_node", f"must be >= 0, got {gpus_per_node}")
+    check(nproc_per_node >= 1, "nproc_per_node", f"must be >= 1, got {nproc_per_node}")
+    # One training process per GPU: asking for more processes than the node's declared
+    # GPUs would put two ranks on one device (or fail to start).
+    check(gpus_per_node == 0 or nproc_per_node <= gpus_per_node, "nproc_per_node",
+          f"asks for {nproc_per_node} GPU processes per node but the profile declares "
+          f"gpus_per_node: {gpus_per_node}; lower nproc_per_node or raise gpus_per_node")
+
+
+@dataclass
+class LocalProfile:
+    """This machine: one process, or `torchrun --standalone` with several."""
+
+    kind: str = "local"
+    """Always `local`."""
+    nproc_per_node: int = 1
+    """Training processes for `pretrain` (torchrun --standalone when > 1)."""
+    gpus_per_node: int = 0
+    """GPUs on this machine (0: CPU, gloo)."""
+    python: Optional[str] = None
+    """Interpreter that has this project installed; default: the one running `distill`."""
+    env: Dict[str, str] = field(default_factory=dict)
+    """Environment variables set for every command."""
+
+    def __post_init__(self):
+        check_choice(self.kind, "kind", ["local"])
+        _check_gpus(self.nproc_per_node, self.gpus_per_node)
+        _check_env(self.env)
+
+
+@dataclass
+class TorchrunProfile:
+    """Multi-node torchrun: the same command on every node, c10d rendezvous."""
+
+    kind: str = "torchrun"
+    """Always `torchrun`."""
+    nnodes: int = 2
+    """Nodes (torchrun agents) that join the rendezvous."""
+    nproc_per_node: int = 1
+    """Training processes per node."""
+    gpus_per_node: int = 0
+    """GPUs per node (0: CPU, gloo)."""
+    rdzv_endpoint: str = "127.0.0.1:29400"
+    """host:port of the c10d rendezvous; the host is one of the nodes (usually the first)."""
+    rdzv_id: str = "distill"
+    """Rendezvous id shared by the agents of one job; change it between concurrent jobs."""
+    max_restarts: int = 0
+    """Times torchrun restarts the worker group after a failure (each restart resumes
+    from the latest checkpoint when the recipe says `train.resume: auto`)."""
+    python: Optional[str] = None
+    """Interpreter on the nodes; default: the one running `distill`."""
+    env: Dict[str, str] = field(default_factory=dict)
+    """Environment variables set for every command."""
+
+    def __post_init__(self):
+        check_choice(self.kind, "kind", ["torchrun"])
+        check(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
+        _check_gpus(self.nproc_per_node, self.gpus_per_node)
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        check(bool(host) and port.isdigit(), "rdzv_endpoint",
+              f"must be host:port, got {self.rdzv_endpoint!r}")
+        check(self.max_restarts >= 0, "max_restarts", "must be >= 0")
+        _check_env(self.env)
+
+
+@dataclass
+class DeepSpeedProfile:
+    """The DeepSpeed launcher with a hostfile (`host slots=N` per line); DeepSpeed reaches
+    the other hosts over pdsh/ssh itself."""
+
+    kind: str = "deepspeed"
+    """Always `deepspeed`."""
+    hostfile: str = "hostfile"
+    """DeepSpeed hostfile; a relative path is relative to the profile's folder."""
+    master_port: int = 29500
+    """Rendezvous port on the first host of the hostfile."""
+    launcher: str = "pdsh"
+    """How DeepSpeed starts the remote ranks: pdsh | openmpi | mvapich | slurm."""
+    gpus_per_node: int = 0
+    """GPUs per host (0: CPU); no host may have more slots than this when > 0."""
+    python: Optional[str] = None
+    """Interpreter on the hosts; default: the one running `distill`."""
+    env: Dict[str, str] = field(default_factory=dict)
+    """Environment variables set for every command (DeepSpeed exports them to the hosts
+    listed in `.deepspeed_env` only; put cluster-wide settings in your shell profile)."""
+
+    def __post_init__(self):
+        check_choice(self.kind, "kind", ["deepspeed"])
+        check_choice(self.launcher, "launcher", ["pdsh", "openmpi", "mvapich", "slurm"])
+        check(0 < self.master_port < 65536, "master_port", "must be a TCP port")
+        check(self.gpus_per_node >= 0, "gpus_per_node", "must be >= 0")
+        _check_env(self.env)
+
+
+@dataclass
+class SlurmProfile:
+    """An sbatch job: one srun task per node, each starting torchrun (c10d rendezvous on
+    the first node of the allocation)."""
+
+    kind: str = "slurm"
+    """Always `slurm`."""
+    nodes: int = 1
+    """Nodes to allocate."""
+    nproc_per_node: int = 1
+    """Training processes torchrun starts on each node."""
+    gpus_per_node: int = 0
+    """GPUs to allocate per node (`--gpus-per-node`); 0 for CPU jobs."""
+    cpus_per_task: Optional[int] = None
+    """CPUs for each node's task (all of torchrun's processes); default: Slurm's."""
+    mem: Optional[str] = None
+    """Memory per node, e.g. `64G`; default: Slurm's."""
+    time: str = "01:00:00"
+    """Time limit ([days-]hours:minutes:seconds)."""
+    partition: Optional[str] = None
+    """Partition; default: the cluster's default partition."""
+    account: Optional[str] = None
+    """Account to charge; default: yours."""
+    qos: Optional[str] = None
+    """Quality of service; default: the account's."""
+    job_name: Optional[str] = None
+    """Job name; default `distill-<recipe name>-<stage>`."""
+    log_dir: str = "slurm-logs"
+    """Folder for the rendered script and the per-job log `<job name>-<job id>.log`;
+    relative to the folder you submit from."""
+    requeue: bool = True
+    """Let Slurm requeue the job on preemption or node failure; a restarted job resumes
+    pretraining with `train.resume=auto`."""
+    rdzv_port: int = 29500
+    """Base rendezvous port on the first node; the job uses rdzv_port + job id % 1000 so
+    jobs sharing a node do not collide."""
+    template: str = "sbatch.sh.tmpl"
+    """sbatch script template; a bare name is looked up in cluster/slurm/."""
+    sbatch_options: List[str] = field(default_factory=list)
+    """Further `#SBATCH` options, e.g. `--constraint=a100`, `--exclusive`."""
+    setup: List[str] = field(default_factory=list)
+    """Shell lines run before the job starts, e.g. `module load cuda/12.4`,
+    `source ~/venvs/distill/bin/activate`. Written to the script as they are."""
+    python: Optional[str] = None
+    """Interpreter on the nodes; default: the one running `distill` (shared filesystem)."""
+    env: Dict[str, str] = field(default_factory=dict)
+    """Environment variables exported in the job script (values are quoted)."""
+
+    def __post_init__(self):
+        check_choice(self.kind, "kind", ["slurm"])
+        check(self.nodes >= 1, "nodes", f"must be >= 1, got {self.nodes}")
+        _check_gpus(self.nproc_per_node, self.gpus_per_node)
+        check(self.cpus_per_task is None or self.cpus_per_task >= 1, "cpus_per_task",
+              "must be >= 1")
+        check(bool(_SLURM_TIME.match(self.time)), "time",
+              f"must look like 01:00:00 or 2-00:00:00, got {self.time!r}")
+        for name in ("mem", "partition", "account", "qos"):
+            value = getattr(self, name)
+            check(value is None or bool(_SBATCH_SAFE.match(value)), name,
+                  f"{value!r} has characters Slurm does not accept here")
+        for i, opt in enumerate(self.sbatch_options):
+            check(opt.startswith("-") and "\n" not in opt and "\r" not in opt,
+                  f"sbatch_options[{i}]", f"must be one option like --exclusive, got "
+                                          f"{opt!r}")
+        for i, line in enumerate(self.setup):
+            check("\n" not in line, f"setup[{i}]", "one shell line per list item")
+        check(0 < self.rdzv_port < 64536, "rdzv_port", "must be a TCP port below 64536")
+        check(bool(self.log_dir.strip()), "log_dir", "must not be empty")
+        _check_env(self.env)
+
+
+@dataclass
+class RayProfile:
+    """A running Ray cluster: jobs go through its job-submission API; pretraining runs as
+    a Ray Train `TorchTrainer` whose workers run the DeepSpeed trainer."""
+
+    kind: str = "ray"
+    """Always `ray`."""
+    address: str = "http://127.0.0.1:8265"
+    """The cluster's dashboard (job submission) address; `RAY_ADDRESS` overrides it."""
+    num_workers: int = 1
+    """Ray Train workers (training processes) for `pretrain`."""
+    cpus_per_worker: float = 1.0
+    """CPUs each training worker reserves."""
+    gpus_per_worker: float = 0.0
+    """GPUs each training worker reserves (0: CPU, gloo)."""
+    prep_workers: Optional[int] = None
+    """Ray tasks in flight for `prep` (its `--workers`); default: the cluster's CPUs."""
+    working_dir: Optional[str] = None
+    """Folder uploaded with the job (Ray runtime_env). Default: none, the nodes share a
+    filesystem and the job starts in the folder you submit from."""
+    python: Optional[str] = None
+    """Interpreter on the Ray nodes; default: the one running `distill`."""
+    env: Dict[str, str] = field(default_factory=dict)
+    """Environment variables of the job (runtime_env env_vars)."""
+    rayjob_template: str = "rayjob.yaml.tmpl"
+    """KubeRay RayJob manifest template shown by --dry-run; a bare name is looked up in
+    cluster/ray/."""
+
+    def __post_init__(self):
+        check_choice(self.kind, "kind", ["ray"])
+        check(self.address.startswith(("http://", "https://")), "address",
+              f"must be the dashboard URL, e.g. http://head:8265, got {self.address!r}")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        check(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        check(self.prep_workers is None or self.prep_workers >= 0, "prep_workers",
+              "must be >= 0")
+        _check_env(self.env)
+
+
+Profile = Union[LocalProfile, TorchrunProfile, DeepSpeedProfile, SlurmProfile, RayProfile]
+SCHEMAS = {"local": LocalProfile, "torchrun": TorchrunProfile,
+           "deepspeed": DeepSpeedProfile, "slurm": SlurmProfile, "ray": RayProfile}
+
+
+def cluster_dir() -> Path:
+    """The shipped profiles: the repository's ``cluster/`` (or ``DISTILL_CLUSTER_DIR``)."""
+    env = os.environ.get("DISTILL_CLUSTER_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "cluster"
+
+
+def resolve_profile_path(name_or_path: str) -> Path:
+    """``local`` -> cluster/local.yaml, ``slurm/cpu`` -> cluster/slurm/cpu.yaml; a path
+    that exists (or ends in .yaml) is taken as it is."""
+    p = Path(name_or_path)
+    if p.is_file() or p.suffix in (".yaml", ".yml"):
+        return p
+    return cluster_dir() / f"{name_or_path}.yaml"
+
+
+def profile_kind(path: Path) -> str:
+    if not path.is_file():
+        shipped = sorted(str(q.relative_to(cluster_dir()).with_suffix(""))
+                         for q in cluster_dir().rglob("*.yaml") if _is_profile(q))
+        raise ConfigError(f"{path}: cluster profile not found; pass a path or one of "
+                          f"{shipped}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in SCHEMAS:
+        raise ConfigError(f"{path}: kind: must be one of {list(KINDS)}, got {kind!r}")
+    return kind
+
+
+def _is_profile(path: Path) -> bool:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get("kind") in SCHEMAS
+
+
+def load_profile(name_or_path: str, overrides: Sequence[str] = ()) -> tuple[Profile, Path]:
+    """Profile file (+ ``key=value`` overrides) -> (typed profile, its path)."""
+    path = resolve_profile_path(name_or_path)
+    kind = profile_kind(path)
+    return load_config(SCHEMAS[kind], path, overrides), path
+
+
+def is_profile_file(path: Path) -> bool:
+    """True for YAML files under cluster/ that are launcher profiles (others are Ray
+    cluster configs, KubeRay manifests, ...)."""
+    return path.suffix in (".yaml", ".yml") and _is_profile(path)
