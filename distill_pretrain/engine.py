@@ -1,0 +1,136 @@
+"""The DeepSpeed engine: the only place that calls ``deepspeed.initialize``.
+
+The module it wraps is ``DistillModule(student, objective)``, so the objective's
+projections train with the student; the teacher is never given to DeepSpeed. The
+optimizer is ``torch.optim.AdamW`` (no compilation) unless offload or
+``train.deepspeed_optimizer`` asks for DeepSpeed's own, which is JIT-compiled on first use.
+The learning-rate schedule is a pure function of the step, wrapped in a LambdaLR whose
+state DeepSpeed saves and restores with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+
+import torch
+
+from distill_pretrain.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class EngineUserError(RuntimeError):
+    """A precision / device / offload combination that cannot run here."""
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto -> bf16 on a GPU that supports it, else fp32. fp16 needs a GPU."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise EngineUserError("train.precision=fp16 needs a CUDA GPU (loss scaling is a GPU "
+                              "feature in DeepSpeed); use bf16 or fp32 on CPU")
+    return requested
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimizer step ``step`` as a fraction of cfg.lr: linear warmup
+    from 0, then linear / cosine decay to min_lr_ratio at max_steps (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "constant":
+        return 1.0
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.lr_decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str,
+                     on_gpu: bool) -> dict:
+    zero: dict = {"stage": cfg.zero_stage, "contiguous_gradients": True,
+                  "overlap_comm": on_gpu}
+    if cfg.zero_stage == 3:
+        # Lets a ZeRO-3 run write a consolidated 16-bit model without gathering by hand.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": cfg.offload_optimizer, "pin_memory": on_gpu}
+    if cfg.offload_params != "none":
+        zero["offload_param"] = {"device": cfg.offload_params, "pin_memory": on_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.uses_deepspeed_optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps,
+            "weight_decay": cfg.weight_decay}}
+    return config
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; leave biases and norm weights (1-D) alone. Tied weights appear
+    once (named_parameters de-duplicates)."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int,
+                 precision: str, device: torch.device):
+    """-> (engine, lr_scheduler). ``module`` is moved and partitioned by DeepSpeed."""
+    import deepspeed
+
+    on_gpu = device.type == "cuda"
+    config = deepspeed_config(cfg, world_size, precision, on_gpu)
+    groups = param_groups(module, cfg.weight_decay)
+    if cfg.uses_deepspeed_optimizer:
+        optimizer = None
+        log.info("optimizer: DeepSpeed AdamW (compiled on first use; set "
+                 "TORCH_EXTENSIONS_DIR to cache it)")
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay)
+    schedule = partial(lr_multiplier, cfg=cfg)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=config)
+    log.info("engine: ZeRO-%d, %s, micro-batch %d x accum %d x %d rank(s) = %d sequences "
+             "per step", cfg.zero_stage, precision, cfg.micro_batch_size, cfg.grad_accum_steps,
+             world_size, config["train_batch_size"])
+    return engine, scheduler
+
+
+def global_grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def current_lr(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"])
