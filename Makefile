@@ -37,7 +37,7 @@ assets: $(STAMP)
 	$(VENV)/bin/distill assets fetch
 
 demo: $(STAMP) assets
-	$(VENV)/bin/distill run configs/demo.yaml
+	$(VENV)/bin/distill run configs/demo.yaml --cluster local/2proc
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

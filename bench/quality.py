@@ -112,8 +112,8 @@ def main() -> int:
                             max_train_examples=args.max_train or None)
     results: dict = {}
     t0 = time.perf_counter()
-    for name, folder in models.items():
-        for task in tasks:
+    for task in tasks:  # task-major: a task's comparison is complete before the next
+        for name, folder in models.items():
             done = out / "finetune" / name / task / "results.json"
             if done.is_file():
                 res = json.loads(done.read_text())

@@ -79,6 +79,10 @@ def load_student(folder: Path):
                               f"(missing {sorted(set(missing) - tied)[:5]}, unexpected "
                               f"{sorted(unexpected)[:5]})")
     model.tie_weights()
+    # Training may run in bf16; the exported student is fp32 like any released checkpoint,
+    # so downstream fine-tuning keeps fp32 master weights and latency comparisons are fair.
+    model = model.float()
+    model.config.dtype = torch.float32
     return model.eval()
 
 

@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
+
 from finetune.tasks import TaskConfig, TaskError
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,10 @@ def load_encoder(model_dir: Path):
 
     check_model_dir(model_dir, need_tokenizer=False)
     with quiet_hf_loading():
-        model, info = AutoModel.from_pretrained(model_dir, output_loading_info=True)
+        # fp32 whatever the folder was saved in: latency and fine-tuning compare models
+        # on equal terms (bf16 compute is autocast's job, over fp32 master weights).
+        model, info = AutoModel.from_pretrained(model_dir, output_loading_info=True,
+                                                dtype=torch.float32)
     check_loading_info(model_dir, info)
     return model.eval()
 
@@ -88,7 +93,8 @@ def load_model(model_dir: Path, task: TaskConfig, labels: Optional[list[str]]):
         else AutoModelForSequenceClassification
     try:
         with quiet_hf_loading():
-            model, info = auto.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+            model, info = auto.from_pretrained(model_dir, output_loading_info=True,
+                                               dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise TaskError(f"{model_dir}: cannot load as {auto.__name__}: {err}") from None
     check_loading_info(model_dir, info)

@@ -143,11 +143,11 @@ def _has_cuda() -> bool:
 
 
 def _stage_export(ctx: "_Context") -> dict:
-    out = Path(ctx.recipe.train.export_dir)
-    if not (out / "config.json").is_file():
-        from distill_pretrain.export import export_checkpoint
+    # Pretraining exports at its end too; doing it again from the newest complete
+    # checkpoint is cheap and makes `--force export` (or an exporter fix) take effect.
+    from distill_pretrain.export import export_checkpoint
 
-        export_checkpoint(ctx.recipe.train.output_dir, str(out))
+    out = export_checkpoint(ctx.recipe.train.output_dir, ctx.recipe.train.export_dir)
     return {"student": str(out)}
 
 

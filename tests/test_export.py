@@ -50,6 +50,9 @@ def check_exported(model_dir: Path, out: Path, shards: Path, *, world_size: int,
 
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
         assert (model_dir / name).is_file(), name
+    from safetensors.torch import load_file
+    dtypes = {str(t.dtype) for t in load_file(model_dir / "model.safetensors").values()}
+    assert dtypes == {"torch.float32"}, f"export must be fp32 whatever the training precision: {dtypes}"
     base = AutoModel.from_pretrained(model_dir)
     mlm = AutoModelForMaskedLM.from_pretrained(model_dir)
     assert type(base).__name__ == "BertModel" and base.config.num_hidden_layers == 2
@@ -94,3 +97,24 @@ def test_export_refuses_a_folder_without_checkpoint(tmp_path, capsys):
 
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bf16_run_exports_fp32_weights(tmp_path, assets):
+    """A bf16 run's student is exported in fp32: fine-tuning then keeps fp32 master
+    weights, and the report measures every model at the same precision."""
+    from safetensors.torch import load_file
+
+    from finetune.loading import load_encoder
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", assets, out, max_steps=2, eval_every=0,
+                          save_every=0)
+    proc = run([sys.executable, "-m", "distill_cli", "pretrain", str(recipe),
+                "train.zero_stage=0", "train.num_workers=0", "train.precision=bf16"],
+               timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = load_file(out / "student" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert json.loads((out / "student" / "config.json").read_text())["dtype"] == "float32"
+    assert {p.dtype for p in load_encoder(out / "student").parameters()} == {torch.float32}
