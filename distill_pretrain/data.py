@@ -357,6 +357,30 @@ class StreamPosition:
                    workers={int(k): [int(v[0]), int(v[1])] for k, v in d["workers"].items()})
 
 
+# Shards a loader worker reads at once, one sample from each in turn. Prep writes each
+# input chunk to its own shards, so one shard is often one source (all WordNet, all BBC);
+# read one after another, a run shorter than an epoch would see a single source.
+INTERLEAVED_SHARDS = 8
+
+
+def _interleave(urls: Sequence[str], width: int):
+    """(url, key, payload) round-robin over up to ``width`` open shards; when one ends the
+    next in ``urls`` takes its place. Deterministic, so resume can replay it."""
+    pending = list(urls)
+    active: list[tuple[str, Iterator]] = []
+    while pending or active:
+        while pending and len(active) < width:
+            url = pending.pop(0)
+            active.append((url, iter(read_shard(url))))
+        still_open = []
+        for url, samples in active:
+            item = next(samples, None)
+            if item is not None:
+                yield url, item[0], item[1]
+                still_open.append((url, samples))
+        active = still_open
+
+
 class TrainStream(torch.utils.data.IterableDataset):
     """An endless stream of masked training batches for one rank (see module docstring).
 
@@ -384,9 +408,8 @@ class TrainStream(torch.utils.data.IterableDataset):
     def _epoch_samples(self, epoch: int, slot: int, slots: int):
         order = _rng(self.seed, _TAG_SHARD_ORDER, epoch).permutation(len(self.urls))
         if len(self.urls) >= slots:
-            for i in order[slot::slots]:
-                for key, payload in read_shard(self.urls[i]):
-                    yield self.urls[i], key, payload
+            yield from _interleave([self.urls[i] for i in order[slot::slots]],
+                                   INTERLEAVED_SHARDS)
         else:  # fewer shards than readers: split by sample instead
             n = 0
             for i in order:

@@ -306,3 +306,28 @@ def test_corrupt_and_missing_shards_are_named(tmp_path, tokenizer_dir, tokenizer
     (shards / "manifest.json").unlink()
     with pytest.raises(D.DataError, match="no manifest"):
         D.load_manifest(str(shards))
+
+
+def _write_plain_shard(path: Path, prefix: str, n: int) -> str:
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            payload = _npy_bytes(np.arange(4, dtype=np.uint16))
+            info = tarfile.TarInfo(f"{prefix}-{i:04d}.input_ids.npy")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def test_shards_are_interleaved_so_a_short_run_sees_every_source(tmp_path):
+    # Prep writes one input chunk per shard, so a shard is often a single source: read
+    # one after another, the first samples would all come from the first shard.
+    urls = [_write_plain_shard(tmp_path / f"{p}.tar", p, n)
+            for p, n in (("wiki", 5), ("bbc", 2), ("wordnet", 4))]
+    keys = [key for _, key, _ in D._interleave(urls, width=8)]
+    assert [k.split("-")[0] for k in keys[:6]] == ["wiki", "bbc", "wordnet"] * 2
+    assert sorted(keys) == sorted(f"{p}-{i:04d}" for p, n in (("wiki", 5), ("bbc", 2),
+                                                               ("wordnet", 4))
+                                  for i in range(n))  # each sample exactly once
+    # A window of 2 opens the third shard in the round after the second runs out.
+    narrow = [key.split("-")[0] for _, key, _ in D._interleave(urls, width=2)]
+    assert narrow[:7] == ["wiki", "bbc", "wiki", "bbc", "wiki", "wiki", "wordnet"]
