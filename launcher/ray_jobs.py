@@ -22,8 +22,8 @@ from typing import Sequence
 
 from launcher.commands import Step
 from launcher.errors import LaunchError
-from launcher.profiles import RayProfile, cluster_dir
-from launcher.templates import render, yaml_value
+from launcher.profiles import RayProfile
+from launcher.templates import render, template_path, yaml_value
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -128,20 +128,11 @@ def cancel(addr: str, submission_id: str) -> bool:
         raise LaunchError(f"Ray job {submission_id} at {addr}: {err}") from None
 
 
-def rayjob_template_path(profile: RayProfile, profile_path: Path) -> Path:
-    t = Path(profile.rayjob_template)
-    if t.is_absolute():
-        return t
-    if len(t.parts) > 1:
-        return profile_path.parent / t
-    return cluster_dir() / "ray" / t
-
-
 def render_rayjob(profile: RayProfile, profile_path: Path, *, name: str, entry: str,
                   renv: dict) -> str:
     """A KubeRay RayJob manifest running the same stages (values YAML-quoted). ``entry``
     is the entrypoint as it runs inside the image: `python` on its PATH, its own folder."""
-    tpl = rayjob_template_path(profile, profile_path)
+    tpl = template_path(profile.rayjob_template, profile_path, "ray")
     if not tpl.is_file():
         raise LaunchError(f"{profile_path}: rayjob_template: {tpl} not found")
     k8s_name = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63] or "distill"

@@ -17,22 +17,11 @@ from typing import Sequence
 
 from launcher.commands import Step
 from launcher.errors import LaunchError
-from launcher.profiles import SlurmProfile, cluster_dir
-from launcher.templates import render, shell_value
+from launcher.profiles import SlurmProfile
+from launcher.templates import render, shell_value, template_path
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def template_path(profile: SlurmProfile, profile_path: Path) -> Path:
-    """A bare name is looked up in cluster/slurm/; a relative path is relative to the
-    profile's folder."""
-    t = Path(profile.template)
-    if t.is_absolute():
-        return t
-    if len(t.parts) > 1:
-        return profile_path.parent / t
-    return cluster_dir() / "slurm" / t
 
 
 def safe_file_stem(job_name: str) -> str:
@@ -94,7 +83,7 @@ def render_script(profile: SlurmProfile, profile_path: Path, steps: Sequence[Ste
                   python: str, job_name: str, recipe: str, stage: str,
                   workdir: Path) -> str:
     check_job_name(job_name)
-    tpl = template_path(profile, profile_path)
+    tpl = template_path(profile.template, profile_path, "slurm")
     if not tpl.is_file():
         raise LaunchError(f"{profile_path}: template: {tpl} not found")
     env_lines = [f"export {name}={shell_value(value)}" for name, value in profile.env.items()]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from launcher.errors import LaunchError
+from launcher.profiles import cluster_dir
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\|\s*raw\s*)?\}\}")
 
@@ -52,3 +53,14 @@ def render(template: str, values: Mapping[str, Any], source: str | Path = "<temp
         return quote(value)
 
     return _PLACEHOLDER.sub(fill, template)
+
+
+def template_path(template: str, profile_path: Path, kind_dir: str) -> Path:
+    """Where a profile's template is: an absolute path as it is, a relative path with a
+    folder relative to the profile's folder, a bare name in ``cluster/<kind_dir>/``."""
+    t = Path(template)
+    if t.is_absolute():
+        return t
+    if len(t.parts) > 1:
+        return profile_path.parent / t
+    return cluster_dir() / kind_dir / t
