@@ -44,18 +44,46 @@ def soft_targets(teacher_logits: torch.Tensor,
     return p, (p * log_p).sum(-1)
 
 
+class _SoftTargetCross(torch.autograd.Function):
+    """-sum over rows of sum_v p log softmax(s / T) for logits s (N, vocab): rows in tiles
+    of about TILE_BYTES, gradient (softmax(s/T) - p) / T computed in the same pass while
+    the tile is in cache (the loss is a scalar, always followed by its backward)."""
+
+    @staticmethod
+    def forward(ctx, logits, target_probs, temperature, want_grad):
+        n, vocab = logits.shape
+        cross = torch.zeros((), dtype=torch.float32, device=logits.device)
+        grad_logits = (torch.empty(n, vocab, dtype=torch.float32, device=logits.device)
+                       if want_grad else None)
+        with _fp32_matmuls(logits):
+            for i, j in _tiles(n, vocab * 4):
+                log_q = torch.log_softmax(logits[i:j].float() * (1.0 / temperature), dim=-1)
+                cross -= torch.dot(target_probs[i:j].reshape(-1), log_q.view(-1))
+                if want_grad:
+                    torch.sub(log_q.exp_(), target_probs[i:j], out=grad_logits[i:j])
+        if want_grad:
+            grad_logits *= 1.0 / temperature
+        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(grad_logits)
+        return cross
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_logits, = ctx.saved_tensors
+        return (grad_logits * grad).to(ctx.logits_dtype), None, None, None
+
+
 def soft_target_kl_to(student_logits: torch.Tensor, target_probs: torch.Tensor,
                       target_neg_entropy: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(p || softmax(s/T)) * T^2 from precomputed ``soft_targets``; mean over rows.
-    Written as sum p log p - sum p s/T + logsumexp(s/T): no (N, vocab) log-softmax of
-    the student is materialised, and its gradient is softmax(s/T) - p."""
+    Fused and tiled (see _SoftTargetCross): no (N, vocab) log-softmax of the student is
+    stored."""
     if student_logits.shape[0] == 0:
         return student_logits.float().sum() * 0.0
-    scaled = student_logits.float() / temperature
-    with _fp32_matmuls(scaled):
-        cross = torch.einsum("nv,nv->n", target_probs, scaled)
-    kl = target_neg_entropy - cross + torch.logsumexp(scaled, dim=-1)
-    return kl.mean() * temperature ** 2
+    cross = _SoftTargetCross.apply(student_logits, target_probs.float(), temperature,
+                                   torch.is_grad_enabled() and student_logits.requires_grad)
+    kl_sum = target_neg_entropy.float().sum() + cross
+    return kl_sum / student_logits.shape[0] * temperature ** 2
 
 
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -138,6 +166,60 @@ def attention_score_mse(student_scores: torch.Tensor, teacher_scores: torch.Tens
     return _mean_over(sq, weights)
 
 
+class _ScoreMSE(torch.autograd.Function):
+    """sum over (query, key) pairs of w_q w_k (Q K^T - T)^2 for Q (n, seq, d) already
+    scaled by d^-1/2, K (n, seq, d) and teacher scores T (n, seq, seq); tiled, with the
+    gradient computed in the same pass (see _RelationKL)."""
+
+    @staticmethod
+    def forward(ctx, q, k, teacher_scores, row_weights, want_grad):
+        n, seq, _ = q.shape
+        total = q.new_zeros(())
+        want_q, want_k = want_grad and q.requires_grad, want_grad and k.requires_grad
+        dq = torch.empty_like(q) if want_q else None
+        dk = torch.empty_like(k) if want_k else None
+        with _fp32_matmuls(q):
+            for i, j in _tiles(n, seq * seq * 4):
+                qi, ki, wi = q[i:j], k[i:j], row_weights[i:j]
+                diff = torch.baddbmm(teacher_scores[i:j], qi, ki.transpose(1, 2), beta=-1)
+                weighted = diff * wi[:, :, None]
+                weighted.mul_(wi[:, None, :])  # padding counts neither as query nor as key
+                total += torch.linalg.vecdot(diff.flatten(1), weighted.flatten(1)).sum()
+                weighted.mul_(2.0)
+                if want_q:
+                    torch.bmm(weighted, ki, out=dq[i:j])
+                if want_k:
+                    torch.bmm(weighted.transpose(1, 2), qi, out=dk[i:j])
+        ctx.save_for_backward(dq, dk)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dq, dk = ctx.saved_tensors
+        return (None if dq is None else dq * grad, None if dk is None else dk * grad,
+                None, None, None)
+
+
+def attention_score_mse_qk(query: torch.Tensor, key: torch.Tensor, heads: int,
+                           teacher_scores: torch.Tensor, mask: torch.Tensor,
+                           position_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``attention_score_mse(attention_scores(query, key, heads, position_bias), ...)``
+    from the student's Q and K (batch, seq, heads * d): fused and tiled, so the student's
+    (batch, heads, seq, seq) scores are never stored. With a position bias (MPNet),
+    which has its own gradient, the plain autograd form is used."""
+    if position_bias is not None:
+        return attention_score_mse(attention_scores(query, key, heads, position_bias),
+                                   teacher_scores, mask)
+    b, seq, width = query.shape
+    q = _matrices(query, heads) * (width // heads) ** -0.5
+    k = _matrices(key, heads)
+    row_weights = _per_matrix(_token_weights(mask), heads)  # (n, seq)
+    total = _ScoreMSE.apply(q, k, teacher_scores.reshape(-1, seq, seq).float(), row_weights,
+                            torch.is_grad_enabled())
+    pairs = (_token_weights(mask).sum(-1) ** 2).sum() * heads
+    return total / pairs.clamp(min=1.0)
+
+
 def _key_bias(mask: torch.Tensor) -> torch.Tensor:
     """(batch, 1, 1, seq): 0 on real keys, MASKED_SCORE on padding."""
     return (1.0 - _token_weights(mask))[:, None, None, :] * MASKED_SCORE
@@ -186,46 +268,108 @@ def relation_scores(x: torch.Tensor, relation_heads: int) -> torch.Tensor:
     return attention_scores(x, x, relation_heads)
 
 
+TILE_BYTES = 1 << 20
+"""Size of the fp32 score tiles the fused losses work on. A MiniLMv2 relation at batch 32,
+R=48, seq 128 is a 100 MB (batch, R, seq, seq) tensor; every elementwise pass over it
+goes through memory. The fused losses compute the scores of a few (seq, seq) matrices,
+use them and drop them while they are still in a core's cache (L2 is 1-2 MB)."""
+
+
+def _tiles(count: int, bytes_each: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges over ``count`` items, about TILE_BYTES per range."""
+    step = max(1, TILE_BYTES // max(1, bytes_each))
+    return [(i, min(count, i + step)) for i in range(0, count, step)]
+
+
+def _matrices(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, seq, heads * d) -> (batch * heads, seq, d), fp32, contiguous."""
+    b, s, width = x.shape
+    return split_heads(x.float(), heads).reshape(b * heads, s, width // heads).contiguous()
+
+
+def _per_matrix(values: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, 1 | seq...) per sequence -> repeated for each head: (batch * heads, ...)."""
+    return values.unsqueeze(1).expand(-1, heads, *values.shape[1:]).reshape(
+        -1, *values.shape[1:]).contiguous()
+
+
+def _with_key_bias(x: torch.Tensor, key_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (n, seq, d), key bias (n, 1, seq) -> [X | 1], [X | bias]: the product of the first
+    with the second transposed is X X^T + key bias, one matmul with no broadcast copy."""
+    n, seq, _ = x.shape
+    return (torch.cat([x, x.new_ones(n, seq, 1)], dim=-1),
+            torch.cat([x, key_bias.transpose(1, 2).to(x.dtype)], dim=-1))
+
+
 class _RelationKL(torch.autograd.Function):
-    """sum over rows of w * KL(p || softmax(X X^T + bias)) for X (batch, R, seq, d), already
-    scaled by d^-1/4. Backward recomputes the (batch, R, seq, seq) scores instead of
-    keeping them: autograd would hold two such tensors per relation for the backward
-    pass, the largest activations of a MiniLMv2 step."""
+    """sum over rows of w * (-sum_k p log softmax(s)) with s = X X^T + key bias, for X
+    (n, seq, d) already scaled by d^-1/4; the constant sum p log p is added by the
+    caller. Works tile by tile (see TILE_BYTES) and computes the gradient in the same
+    pass, while each tile's softmax is in cache: a scalar loss is always followed by
+    its backward, which then only scales the saved gradient (the size of X)."""
 
     @staticmethod
-    def forward(ctx, x, target_probs, target_neg_entropy, key_bias, row_weights):
+    def forward(ctx, x, target_probs, key_bias, row_weights, want_grad):
+        n, seq, d = x.shape
+        dx = torch.empty_like(x) if want_grad else None
+        left, right = _with_key_bias(x, key_bias)
+        cross = x.new_zeros(())
         with _fp32_matmuls(x):
-            scores = x @ x.transpose(-1, -2)
-            scores += key_bias
-            lse = torch.logsumexp(scores, dim=-1)  # (batch, R, seq)
-            cross = torch.einsum("bhqk,bhqk->bhq", target_probs, scores)
-        ctx.save_for_backward(x, target_probs, key_bias, lse, row_weights)
-        return ((target_neg_entropy - cross + lse) * row_weights).sum()
+            for i, j in _tiles(n, seq * seq * 4):
+                pi, wi = target_probs[i:j], row_weights[i:j, :, None]
+                log_q = torch.log_softmax(torch.bmm(left[i:j], right[i:j].transpose(1, 2)),
+                                          dim=-1)
+                log_q.mul_(wi)  # padded queries count nowhere
+                cross += torch.dot(pi.reshape(-1), log_q.view(-1))
+                if want_grad:
+                    # d/ds of a row's KL = softmax(s) - p; s = X X^T is symmetric in X.
+                    g = log_q.exp_().sub_(pi).mul_(wi)
+                    torch.bmm(g, x[i:j], out=dx[i:j])
+                    dx[i:j].baddbmm_(g.transpose(1, 2), x[i:j])
+        ctx.save_for_backward(dx)
+        return -cross
 
     @staticmethod
     def backward(ctx, grad):
-        x, target_probs, key_bias, lse, row_weights = ctx.saved_tensors
-        # d KL_row / d scores = softmax(scores) - p; scores = X X^T is symmetric in X.
-        with _fp32_matmuls(x):
-            g = x @ x.transpose(-1, -2)
-            g += key_bias
-            g -= lse[..., None]
-            g.exp_()
-            g -= target_probs
-            g *= (row_weights * grad)[..., None]
-            return g @ x + g.transpose(-1, -2) @ x, None, None, None, None
+        dx, = ctx.saved_tensors
+        return dx * grad, None, None, None, None
+
+
+def relation_target(teacher_x: torch.Tensor, relation_heads: int,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher side of a relation KL, without grad: ``target_distribution`` of
+    ``relation_scores(teacher_x, relation_heads)``, computed tile by tile."""
+    b, seq, _ = teacher_x.shape
+    with torch.no_grad(), _fp32_matmuls(teacher_x):
+        x = _matrices(teacher_x, relation_heads)
+        x = x * x.shape[-1] ** -0.25
+        key_bias = _per_matrix(_key_bias(mask)[:, 0], relation_heads)  # (n, 1, seq)
+        n = x.shape[0]
+        left, right = _with_key_bias(x, key_bias)
+        probs = x.new_empty(n, seq, seq)
+        neg_entropy = x.new_empty(n, seq)
+        for i, j in _tiles(n, seq * seq * 4):
+            log_p = torch.log_softmax(torch.bmm(left[i:j], right[i:j].transpose(1, 2)), dim=-1)
+            torch.exp(log_p, out=probs[i:j])
+            # padded keys: p is exactly 0 and log p finite, so they add nothing
+            torch.sum(log_p.mul_(probs[i:j]), dim=-1, out=neg_entropy[i:j])
+    return (probs.view(b, relation_heads, seq, seq),
+            neg_entropy.view(b, relation_heads, seq))
 
 
 def relation_kl_to_target(student_x: torch.Tensor, relation_heads: int,
                           target_probs: torch.Tensor, target_neg_entropy: torch.Tensor,
                           mask: torch.Tensor) -> torch.Tensor:
     """KL(target || softmax(relation_scores(student_x))), mean over R heads and real
-    queries; equal to ``kl_to_target(relation_scores(x), ...)`` with less memory."""
-    x = split_heads(student_x.float(), relation_heads)
+    queries; equal to ``kl_to_target(relation_scores(x), ...)``, fused and tiled."""
+    b, seq, _ = student_x.shape
+    x = _matrices(student_x, relation_heads)
     x = x * x.shape[-1] ** -0.25  # both factors of X X^T: 1/sqrt(d) overall
-    row_weights = _token_weights(mask)[:, None, :].expand(-1, relation_heads, -1)
-    total = _RelationKL.apply(x, target_probs, target_neg_entropy, _key_bias(mask),
-                              row_weights.contiguous())
+    row_weights = _per_matrix(_token_weights(mask), relation_heads)  # (n, seq)
+    probs = target_probs.reshape(-1, seq, seq)
+    total = _RelationKL.apply(x, probs, _per_matrix(_key_bias(mask)[:, 0], relation_heads),
+                              row_weights, torch.is_grad_enabled() and x.requires_grad)
+    total = total + (target_neg_entropy.reshape(-1, seq).float() * row_weights).sum()
     return total / row_weights.sum().clamp(min=1.0)
 
 
@@ -234,7 +378,7 @@ def relation_kl(student_x: torch.Tensor, teacher_x: torch.Tensor, relation_heads
     """MiniLMv2: X is Q, K or V of one layer, (batch, seq, width), all heads concatenated;
     each side is re-split into R relation heads of width/R, relation =
     softmax(X_r X_r^T / sqrt(width/R)); KL(teacher || student). Widths may differ."""
-    target = target_distribution(relation_scores(teacher_x, relation_heads), mask)
+    target = relation_target(teacher_x, relation_heads, mask)
     return relation_kl_to_target(student_x, relation_heads, *target, mask)
 
 

@@ -272,8 +272,10 @@ class DistillationObjective(nn.Module):
         s_heads, t_heads = self.student_shape.num_heads, self.teacher_shape.num_heads
 
         def compute(s, targets, mask, labels):
+            cap = s.captured
             return torch.stack([
-                losses.attention_score_mse(_scores(s.captured, sl, s_heads), target, mask)
+                losses.attention_score_mse_qk(cap.query[sl], cap.key[sl], s_heads, target, mask,
+                                              cap.position_bias.get(sl))
                 for (sl, _), target in zip(pairs, targets)]).sum()
         self.terms.append(Term(
             "attention_score_mse", section.weight,
@@ -297,9 +299,8 @@ class DistillationObjective(nn.Module):
         self._capture(student_qkv={part: [s_layer]}, teacher_qkv={part: [t_layer]})
         self.terms.append(Term(
             name, weight,
-            target=lambda t, mask: losses.target_distribution(
-                losses.relation_scores(getattr(t.captured, part)[t_layer], relation_heads),
-                mask),
+            target=lambda t, mask: losses.relation_target(
+                getattr(t.captured, part)[t_layer], relation_heads, mask),
             compute=lambda s, target, mask, labels: losses.relation_kl_to_target(
                 getattr(s.captured, part)[s_layer], relation_heads, *target, mask)))
 

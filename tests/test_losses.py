@@ -146,6 +146,9 @@ def test_attention_losses_match_formula():
     t_scores = losses.attention_scores(x["qt"], x["kt"], heads)
     assert losses.attention_score_mse(s_scores, t_scores, mask).item() == pytest.approx(
         naive_score_mse(x["qs"], x["ks"], x["qt"], x["kt"], heads, mask), rel=1e-5)
+    assert losses.attention_score_mse_qk(x["qs"], x["ks"], heads, t_scores,
+                                         mask).item() == pytest.approx(
+        naive_score_mse(x["qs"], x["ks"], x["qt"], x["kt"], heads, mask), rel=1e-5)
     assert losses.attention_kl(s_scores, t_scores, mask).item() == pytest.approx(
         naive_distribution_kl(x["qs"], x["qt"], heads, heads, mask, x["ks"], x["kt"]),
         rel=1e-4)
@@ -176,6 +179,8 @@ def _all_losses(x, mask):
         "embedding_mse": lambda s: losses.embedding_mse(s["hs"], x["ht"], mask),
         "attention_score_mse": lambda s: losses.attention_score_mse(
             losses.attention_scores(s["qs"], s["ks"], heads), t_scores, mask),
+        "attention_score_mse_qk": lambda s: losses.attention_score_mse_qk(
+            s["qs"], s["ks"], heads, t_scores, mask),
         "attention_kl": lambda s: losses.attention_kl(
             losses.attention_scores(s["qs"], s["ks"], heads), t_scores, mask),
         "value_relation_kl": lambda s: losses.value_relation_kl(s["vs"], x["qt"], heads, mask),
@@ -276,3 +281,101 @@ def test_fp32_inside_autocast():
     assert scores.dtype == torch.float32
     assert value.item() == pytest.approx(
         losses.relation_kl(student, x["xt_wide"].float(), 4, mask).item(), rel=1e-6)
+
+
+@pytest.fixture(params=[1, 3, 1000], ids=["tile1", "tile3", "one-tile"])
+def tile_matrices(request, monkeypatch):
+    """Fused losses working on tiles of 1 or 3 (seq, seq) matrices, or all at once: the
+    tile boundaries must not change any value or gradient."""
+    monkeypatch.setattr(losses, "TILE_BYTES", request.param * S * S * 4)
+    return request.param
+
+
+def test_fused_relation_kl_tiles_match_autograd(tile_matrices):
+    x, mask = _inputs(), _mask()
+    student = x["qs"].float().clone().requires_grad_(True)
+    teacher = x["xt_wide"].float()
+    reference_target = losses.target_distribution(losses.relation_scores(teacher, 4), mask)
+    target = losses.relation_target(teacher, 4, mask)
+    for got, want in zip(target, reference_target):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    fused = losses.relation_kl_to_target(student, 4, *target, mask)
+    (grad_fused,) = torch.autograd.grad(fused * 3.0, student)  # a scaled upstream grad
+    plain = losses.kl_to_target(losses.relation_scores(student, 4), *reference_target, mask)
+    (grad_plain,) = torch.autograd.grad(plain * 3.0, student)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+    torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # evaluation: same value, no gradient work
+        assert losses.relation_kl_to_target(student, 4, *target, mask).item() == \
+            pytest.approx(fused.item(), rel=1e-6)
+
+
+def test_fused_score_mse_tiles_match_autograd(tile_matrices):
+    x, mask, heads = _inputs(), _mask(), 2
+    q = x["qs"].float().clone().requires_grad_(True)
+    k = x["ks"].float().clone().requires_grad_(True)
+    t_scores = losses.attention_scores(x["qt"].float(), x["kt"].float(), heads)
+    fused = losses.attention_score_mse_qk(q, k, heads, t_scores, mask)
+    grads_fused = torch.autograd.grad(fused * 3.0, (q, k))
+    plain = losses.attention_score_mse(losses.attention_scores(q, k, heads), t_scores, mask)
+    grads_plain = torch.autograd.grad(plain * 3.0, (q, k))
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+    for got, want in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        assert got[1, 3:].abs().sum() == 0  # padding gets no gradient
+
+
+def test_fused_score_mse_with_position_bias_matches_plain():
+    """MPNet: a student position bias with its own gradient takes the autograd path."""
+    x, mask, heads = _inputs(), _mask(), 2
+    bias = torch.randn(1, heads, S, S, dtype=torch.float64, requires_grad=True)
+    t_scores = losses.attention_scores(x["qt"], x["kt"], heads)
+    fused = losses.attention_score_mse_qk(x["qs"], x["ks"], heads, t_scores, mask, bias)
+    plain = losses.attention_score_mse(losses.attention_scores(x["qs"], x["ks"], heads, bias),
+                                       t_scores, mask)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    fused.backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+def test_fused_soft_target_kl_tiles_match_autograd(monkeypatch):
+    x = _inputs()
+    for rows_per_tile in (1, 3, 1000):
+        monkeypatch.setattr(losses, "TILE_BYTES", rows_per_tile * 7 * 4)
+        student = x["logits_s"].float().clone().requires_grad_(True)
+        fused = losses.soft_target_kl(student, x["logits_t"].float(), 2.0)
+        (grad_fused,) = torch.autograd.grad(fused * 3.0, student)
+        teacher_log_p = torch.log_softmax(x["logits_t"].float() / 2.0, -1)
+        plain = torch.nn.functional.kl_div(torch.log_softmax(student / 2.0, -1), teacher_log_p,
+                                           log_target=True, reduction="batchmean") * 4.0
+        (grad_plain,) = torch.autograd.grad(plain * 3.0, student)
+        assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
+        torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-4, atol=1e-7)
+    low = x["logits_s"].to(torch.bfloat16).requires_grad_(True)
+    losses.soft_target_kl(low, x["logits_t"], 2.0).backward()
+    assert low.grad.dtype == torch.bfloat16
+
+
+def test_fused_losses_under_bf16_autocast_match_fp32():
+    """The trainer's bf16 path: inputs in bf16 inside an autocast region; the fused losses
+    still compute in fp32 and hand back gradients in the inputs' dtype."""
+    x, mask = _inputs(), _mask()
+    heads = 2
+    t_scores = losses.attention_scores(x["qt"].float(), x["kt"].float(), heads)
+    relation_target = losses.relation_target(x["xt_wide"].float(), 4, mask)
+    soft = losses.soft_targets(x["logits_t"].float(), 2.0)
+    cases = {
+        "relation": lambda v: losses.relation_kl_to_target(v["qs"], 4, *relation_target, mask),
+        "score_mse": lambda v: losses.attention_score_mse_qk(v["qs"], v["ks"], heads, t_scores,
+                                                             mask),
+        "soft_target": lambda v: losses.soft_target_kl_to(v["logits_s"], *soft, 2.0),
+    }
+    for name, fn in cases.items():
+        low = {k: x[k].to(torch.bfloat16).requires_grad_(True) for k in ("qs", "ks", "logits_s")}
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            value = fn(low)
+        value.backward()
+        reference = fn({k: v.detach().float() for k, v in low.items()})
+        assert value.dtype == torch.float32, name
+        assert value.item() == pytest.approx(reference.item(), rel=1e-5), name
+        assert low["qs" if name != "soft_target" else "logits_s"].grad.dtype == torch.bfloat16
