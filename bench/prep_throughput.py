@@ -92,7 +92,7 @@ def tokenizer_ceiling(sources: list[str], tokenizer: str, batch: int = 256) -> d
         cpu += time.process_time() - cpu_start
         tokens += sum(len(x) for x in ids)
     return {"documents": len(texts), "tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu, "tokens_per_cpu_s": tokens / cpu}
+            "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu}
 
 
 def end_to_end(sources: list[str], tokenizer: str, workers: int, out: Path,

@@ -77,17 +77,22 @@ def _pieces(enc, ids: list, text: str, max_len: int, sentence_split: bool):
 
 def _encode_batch(encoder, texts, splits, streams, docs, ctx, sep_id) -> tuple[int, int]:
     too_short = tokens = 0
+    max_len, min_tokens = ctx.seq_len - 2, max(1, ctx.min_tokens)
     for text, split, enc in zip(texts, splits, encoder.encode_batch(
             texts, add_special_tokens=False)):
         ids = enc.ids  # a fresh list per access
         n = len(ids)
-        if n == 0 or n < ctx.min_tokens:
+        if n < min_tokens:
             too_short += 1
             continue
         stream = streams[split]
-        for piece in _pieces(enc, ids, text, ctx.seq_len - 2, ctx.sentence_split):
-            stream.extend(piece)
+        if n <= max_len:  # most documents: one piece
+            stream.extend(ids)
             stream.append(sep_id)
+        else:
+            for piece in _pieces(enc, ids, text, max_len, ctx.sentence_split):
+                stream.extend(piece)
+                stream.append(sep_id)
         docs[split] += 1
         tokens += n
     return too_short, tokens

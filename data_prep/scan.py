@@ -85,6 +85,8 @@ def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: i
     chars: list[int] = []
     resume, first_errors = {}, {}
     zero = bytes(DIGEST_BYTES)
+    held_digests = frozenset(bytes.fromhex(h) for h in holdout.hashes)
+    held_ids = holdout.ids
     for i, item in enumerate(read_unit(unit, opts)):
         if i and i % docs_per_shard == 0 and item.offset is not None:
             resume[i] = (item.offset, item.line - 1)
@@ -100,7 +102,7 @@ def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: i
         digest = hashlib.sha256(text.encode("utf-8")).digest()
         if not text:
             code = EMPTY
-        elif holdout and (item.id in holdout.ids or digest.hex() in holdout.hashes):
+        elif item.id in held_ids or digest in held_digests:
             code = HOLDOUT
         else:
             code = OK
