@@ -79,6 +79,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: CPU time = the work itself)")
+    parser.add_argument("--objectives", default="",
+                        help="comma-separated subset of the objectives to time (default all)")
     parser.add_argument("--teacher-layer", type=int, default=None,
                         help="upper-middle teacher layer for the truncation figure "
                              "(default L - max(1, L//6): 5 of 6, 10 of 12)")
@@ -135,6 +137,11 @@ def main(argv=None) -> dict:
         "value_relation_kl": dict(value_relation_kl=LastLayerConfig()),
         "qkv_relation_kl": dict(qkv_relation_kl=RelationKLConfig(relation_heads=48)),
     }
+    if args.objectives:
+        unknown = set(args.objectives.split(",")) - set(sections)
+        if unknown:
+            parser.error(f"--objectives: unknown {sorted(unknown)}; known: {sorted(sections)}")
+        sections = {k: v for k, v in sections.items() if k in args.objectives.split(",")}
     objectives, baseline = {}, float("inf")
     for name, section in sections.items():
         cfg = ObjectiveConfig(**section)
