@@ -158,11 +158,15 @@ def process_chunk(spec: ChunkSpec, ctx: ChunkContext) -> ChunkResult:
 
 def save_marker(out: Output, spec: ChunkSpec, result: ChunkResult) -> None:
     meta = {"fingerprint": spec.fingerprint, "shards": result.shards, "docs": result.docs,
-            "too_short": result.too_short, "content_tokens": result.content_tokens}
+            "too_short": result.too_short, "content_tokens": result.content_tokens,
+            "vocab_size": len(result.counts)}
     buf = io.BytesIO()
-    np.savez_compressed(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                        train_tail=result.tails["train"],
-                        validation_tail=result.tails["validation"], counts=result.counts)
+    # Uncompressed, token counts stored sparse: compressing the dense (vocab,) counts took
+    # ~8 ms per chunk, 2% of a prep run, for a file only a rerun reads.
+    seen = np.flatnonzero(result.counts).astype(np.int32)
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+             train_tail=result.tails["train"], validation_tail=result.tails["validation"],
+             count_ids=seen, count_values=result.counts[seen])
     out.write_bytes(marker_name(spec.index), buf.getvalue())
 
 
@@ -176,8 +180,9 @@ def load_marker(out: Output, spec: ChunkSpec) -> Optional[ChunkResult]:
         with np.load(io.BytesIO(out.read_bytes(name))) as data:
             meta = json.loads(data["meta"].tobytes().decode())
             tails = {"train": data["train_tail"], "validation": data["validation_tail"]}
-            counts = data["counts"]
-    except (OSError, ValueError, KeyError):
+            counts = np.zeros(int(meta["vocab_size"]), dtype=np.int64)
+            counts[data["count_ids"]] = data["count_values"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):  # unreadable or old
         return None
     if meta.get("fingerprint") != spec.fingerprint:
         return None

@@ -70,19 +70,20 @@ def pack_stream(stream: np.ndarray, seq_len: int, cls_id: int,
     """
     stream = np.asarray(stream)
     body = seq_len - 2  # content between CLS and the closing SEP
-    rows = []
+    # Each row is CLS + stream[p:p + body] + SEP: when the window ends on a piece's own
+    # separator, that separator closes the row and is consumed (p += body + 1); otherwise
+    # the piece is cut and its rest opens the next row (p += body). Only the starts need
+    # a loop; the rows are gathered at once.
+    starts = []
     p, n = 0, len(stream)
     while n - p >= seq_len - 1:
-        if stream[p + body] == sep_id:  # the window ends on a piece's own separator
-            rows.append(stream[p:p + body + 1])
-            p += body + 1
-        else:  # cut inside a piece; the rest opens the next sequence
-            rows.append(np.append(stream[p:p + body], sep_id))
-            p += body
-    seqs = np.empty((len(rows), seq_len), dtype=stream.dtype if len(stream) else np.int64)
-    if rows:
+        starts.append(p)
+        p += body + 1 if stream[p + body] == sep_id else body
+    seqs = np.empty((len(starts), seq_len), dtype=stream.dtype if n else np.int64)
+    if starts:
         seqs[:, 0] = cls_id
-        seqs[:, 1:] = np.stack(rows)
+        seqs[:, 1:-1] = stream[np.asarray(starts)[:, None] + np.arange(body)]
+        seqs[:, -1] = sep_id
     return seqs, stream[p:]
 
 

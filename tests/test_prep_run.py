@@ -191,6 +191,9 @@ def test_resume_after_a_failed_run_reuses_finished_chunks(tmp_path, corpus, toke
     assert len(calls) == manifest["run"]["chunks"] - manifest["run"]["chunks_reused"]
     assert manifest["splits"] == prepared[1]["splits"], "resumed shards differ from a clean run"
     assert not any(p.name.startswith(".tmp-") for p in (out / "train").iterdir())
+    # the reused chunks' token counts come back from their done-markers
+    np.testing.assert_array_equal(np.load(out / "token_counts.npy"),
+                                  np.load(prepared[0] / "token_counts.npy"))
 
 
 def test_resume_redoes_a_chunk_whose_shard_was_corrupted(tmp_path, corpus, tokenizer_dir,
