@@ -295,9 +295,10 @@ def _per_matrix(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 class _RelationKL(torch.autograd.Function):
     """sum over rows of w * (-sum_k p log softmax(s)) with s = X X^T / sqrt(d) + key bias,
-    for X (n, seq, d); the constant sum p log p is added by the caller. Works tile by tile (see TILE_BYTES) and computes the gradient in the same
-    pass, while each tile's softmax is in cache: a scalar loss is always followed by
-    its backward, which then only scales the saved gradient (the size of X)."""
+    for X (n, seq, d); the constant sum p log p is added by the caller. Works tile by
+    tile (see TILE_BYTES) and computes the gradient in the same pass, while each tile's
+    softmax is in cache: a scalar loss is always followed by its backward, which then
+    only scales the saved gradient (the size of X)."""
 
     @staticmethod
     def forward(ctx, x, target_probs, key_bias, row_weights, want_grad):
