@@ -56,7 +56,7 @@ class _SoftTargetCross(torch.autograd.Function):
         grad_logits = (torch.empty(n, vocab, dtype=torch.float32, device=logits.device)
                        if want_grad else None)
         with _fp32_matmuls(logits):
-            for i, j in _tiles(n, vocab * 4):
+            for i, j in _tiles(n, vocab * 4, logits.device):
                 log_q = torch.log_softmax(logits[i:j].float() * (1.0 / temperature), dim=-1)
                 cross -= torch.dot(target_probs[i:j].reshape(-1), log_q.view(-1))
                 if want_grad:
@@ -179,7 +179,7 @@ class _ScoreMSE(torch.autograd.Function):
         dq = torch.empty_like(q) if want_q else None
         dk = torch.empty_like(k) if want_k else None
         with _fp32_matmuls(q):
-            for i, j in _tiles(n, seq * seq * 4):
+            for i, j in _tiles(n, seq * seq * 4, q.device):
                 qi, ki, wi = q[i:j], k[i:j], row_weights[i:j]
                 diff = torch.baddbmm(teacher_scores[i:j], qi, ki.transpose(1, 2), beta=-1)
                 weighted = diff * wi[:, :, None]
@@ -275,9 +275,15 @@ goes through memory. The fused losses compute the scores of a few (seq, seq) mat
 use them and drop them while they are still in a core's cache (L2 is 1-2 MB)."""
 
 
-def _tiles(count: int, bytes_each: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges over ``count`` items, about TILE_BYTES per range."""
-    step = max(1, TILE_BYTES // max(1, bytes_each))
+ACCELERATOR_TILE_BYTES = 64 << 20
+"""On a GPU the win of cache-sized tiles is small and each tile costs kernel launches:
+large tiles there, which still bound the temporaries' memory."""
+
+
+def _tiles(count: int, bytes_each: int, device: torch.device) -> list[tuple[int, int]]:
+    """[start, stop) ranges over ``count`` items, about TILE_BYTES per range on CPU."""
+    budget = TILE_BYTES if device.type == "cpu" else ACCELERATOR_TILE_BYTES
+    step = max(1, budget // max(1, bytes_each))
     return [(i, min(count, i + step)) for i in range(0, count, step)]
 
 
@@ -311,7 +317,7 @@ class _RelationKL(torch.autograd.Function):
         dx_t = x.new_empty(n, d, seq) if want_grad else None
         padded = (row_weights == 0).any(dim=-1).tolist()  # per matrix
         with _fp32_matmuls(x):
-            for i, j in _tiles(n, seq * seq * 4):
+            for i, j in _tiles(n, seq * seq * 4, x.device):
                 pi, xi = target_probs[i:j], x[i:j]
                 log_q = torch.log_softmax(
                     torch.baddbmm(key_bias[i:j], xi, x_t[i:j], alpha=scale), dim=-1)
@@ -349,7 +355,7 @@ def relation_target(teacher_x: torch.Tensor, relation_heads: int,
         x_t = x.transpose(1, 2)
         probs = x.new_empty(n, seq, seq)
         neg_entropy = x.new_empty(n, seq)
-        for i, j in _tiles(n, seq * seq * 4):
+        for i, j in _tiles(n, seq * seq * 4, x.device):
             log_p = torch.log_softmax(
                 torch.baddbmm(key_bias[i:j], x[i:j], x_t[i:j], alpha=scale), dim=-1)
             torch.exp(log_p, out=probs[i:j])

@@ -379,3 +379,13 @@ def test_fused_losses_under_bf16_autocast_match_fp32():
         assert value.dtype == torch.float32, name
         assert value.item() == pytest.approx(reference.item(), rel=1e-5), name
         assert low["qs" if name != "soft_target" else "logits_s"].grad.dtype == torch.bfloat16
+
+
+def test_tiles_are_cache_sized_on_cpu_and_large_on_accelerators():
+    matrix = 128 * 128 * 4
+    cpu = losses._tiles(1536, matrix, torch.device("cpu"))
+    gpu = losses._tiles(1536, matrix, torch.device("cuda"))
+    assert cpu[0] == (0, losses.TILE_BYTES // matrix) and cpu[-1][1] == 1536
+    assert gpu[0] == (0, losses.ACCELERATOR_TILE_BYTES // matrix) and gpu[-1][1] == 1536
+    assert losses._tiles(0, matrix, torch.device("cpu")) == []
+    assert losses._tiles(3, 10 * losses.TILE_BYTES, torch.device("cpu")) == [(0, 1), (1, 2), (2, 3)]
