@@ -138,10 +138,11 @@ def main(argv=None) -> dict:
         "qkv_relation_kl": dict(qkv_relation_kl=RelationKLConfig(relation_heads=48)),
     }
     if args.objectives:
-        unknown = set(args.objectives.split(",")) - set(sections)
+        chosen = args.objectives.split(",")
+        unknown = set(chosen) - set(sections)
         if unknown:
             parser.error(f"--objectives: unknown {sorted(unknown)}; known: {sorted(sections)}")
-        sections = {k: v for k, v in sections.items() if k in args.objectives.split(",")}
+        sections = {k: v for k, v in sections.items() if k in chosen}
     objectives, baseline = {}, float("inf")
     for name, section in sections.items():
         cfg = ObjectiveConfig(**section)

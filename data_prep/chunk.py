@@ -69,7 +69,8 @@ def marker_name(index: int) -> str:
 
 
 def _pieces(enc, ids: list, text: str, max_len: int, sentence_split: bool):
-    if not sentence_split or len(ids) <= max_len:
+    """A document longer than ``max_len`` tokens, cut at sentence starts where it can."""
+    if not sentence_split:
         return [ids]
     starts = [s for s, _ in enc.offsets]  # only long documents pay for the offsets
     return split_pieces(ids, piece_bounds(starts, sentence_starts(text), max_len))

@@ -30,12 +30,12 @@ STATUS_CODE = {name: i for i, name in enumerate(STATUS_NAMES)}
 
 @dataclass
 class Holdout:
-    hashes: frozenset = frozenset()
-    """doc_hash hex strings."""
+    digests: frozenset = frozenset()
+    """sha256 digests (32 bytes) of held-out normalised texts: ``doc_hash`` as bytes."""
     ids: frozenset = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.hashes or self.ids)
+        return bool(self.digests or self.ids)
 
 
 @dataclass
@@ -72,7 +72,8 @@ def load_holdout(path: Optional[str]) -> Holdout:
     entries = [ln for ln in lines if ln and not ln.startswith("#")]
     hashes = {e.lower() for e in entries
               if len(e) == 64 and all(c in "0123456789abcdefABCDEF" for c in e)}
-    return Holdout(frozenset(hashes), frozenset(e for e in entries if e.lower() not in hashes))
+    return Holdout(frozenset(bytes.fromhex(h) for h in hashes),
+                   frozenset(e for e in entries if e.lower() not in hashes))
 
 
 def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: int,
@@ -85,8 +86,6 @@ def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: i
     chars: list[int] = []
     resume, first_errors = {}, {}
     zero = bytes(DIGEST_BYTES)
-    held_digests = frozenset(bytes.fromhex(h) for h in holdout.hashes)
-    held_ids = holdout.ids
     for i, item in enumerate(read_unit(unit, opts)):
         if i and i % docs_per_shard == 0 and item.offset is not None:
             resume[i] = (item.offset, item.line - 1)
@@ -102,7 +101,7 @@ def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: i
         digest = hashlib.sha256(text.encode("utf-8")).digest()
         if not text:
             code = EMPTY
-        elif item.id in held_ids or digest in held_digests:
+        elif item.id in holdout.ids or digest in holdout.digests:
             code = HOLDOUT
         else:
             code = OK

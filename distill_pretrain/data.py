@@ -24,6 +24,7 @@ Why the stream is built the way it is (exact resume):
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -366,12 +367,13 @@ INTERLEAVED_SHARDS = 8
 def _interleave(urls: Sequence[str], width: int):
     """(url, key, payload) round-robin over up to ``width`` open shards; when one ends the
     next in ``urls`` takes its place. Deterministic, so resume can replay it."""
-    pending = list(urls)
+    pending = iter(urls)
     active: list[tuple[str, Iterator]] = []
-    while pending or active:
-        while pending and len(active) < width:
-            url = pending.pop(0)
-            active.append((url, iter(read_shard(url))))
+    while True:
+        active += [(url, iter(read_shard(url)))
+                   for url in itertools.islice(pending, width - len(active))]
+        if not active:
+            return
         still_open = []
         for url, samples in active:
             item = next(samples, None)

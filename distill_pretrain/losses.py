@@ -178,15 +178,18 @@ class _ScoreMSE(torch.autograd.Function):
         want_q, want_k = want_grad and q.requires_grad, want_grad and k.requires_grad
         dq = torch.empty_like(q) if want_q else None
         dk = torch.empty_like(k) if want_k else None
+        padded = _padded(row_weights)
         with _fp32_matmuls(q):
             for i, j in _tiles(n, seq * seq * 4, q.device):
-                qi, ki, wi = q[i:j], k[i:j], row_weights[i:j]
+                qi, ki = q[i:j], k[i:j]
                 diff = torch.baddbmm(teacher_scores[i:j], qi, ki.transpose(1, 2), beta=-1)
-                weighted = diff * wi[:, :, None]
-                weighted.mul_(wi[:, None, :])  # padding counts neither as query nor as key
-                total += torch.linalg.vecdot(diff.flatten(1), weighted.flatten(1)).sum()
-                weighted.mul_(2.0)
-                if want_q:
+                weighted = diff
+                if any(padded[i:j]):  # padding counts neither as query nor as key
+                    wi = row_weights[i:j]
+                    weighted = diff * wi[:, :, None]
+                    weighted.mul_(wi[:, None, :])
+                total += torch.dot(diff.view(-1), weighted.view(-1))
+                if want_q:  # d/dS of the sum: 2 * weighted, the 2 applied in backward
                     torch.bmm(weighted, ki, out=dq[i:j])
                 if want_k:
                     torch.bmm(weighted.transpose(1, 2), qi, out=dk[i:j])
@@ -196,7 +199,8 @@ class _ScoreMSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dq, dk = ctx.saved_tensors
-        return (None if dq is None else dq * grad, None if dk is None else dk * grad,
+        scale = 2.0 * grad
+        return (None if dq is None else dq * scale, None if dk is None else dk * scale,
                 None, None, None)
 
 
@@ -299,6 +303,24 @@ def _per_matrix(values: torch.Tensor, heads: int) -> torch.Tensor:
         -1, *values.shape[1:]).contiguous()
 
 
+def _padded(row_weights: torch.Tensor) -> list[bool]:
+    """Per matrix: has it a padded row? Tiles without one skip the weighting passes."""
+    return (row_weights == 0).any(dim=-1).tolist()
+
+
+def _relation_inputs(x: torch.Tensor, relation_heads: int, mask: torch.Tensor):
+    """X (batch, seq, width) -> its R relation matrices (n, seq, d) and the key bias of
+    each (n, 1, seq), n = batch * R."""
+    return (_matrices(x, relation_heads),
+            _per_matrix(_key_bias(mask)[:, 0], relation_heads))
+
+
+def _log_relation(x: torch.Tensor, x_t: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """log softmax(X X^T / sqrt(d) + key bias) of a tile of relation matrices."""
+    return torch.log_softmax(
+        torch.baddbmm(key_bias, x, x_t, alpha=x.shape[-1] ** -0.5), dim=-1)
+
+
 class _RelationKL(torch.autograd.Function):
     """sum over rows of w * (-sum_k p log softmax(s)) with s = X X^T / sqrt(d) + key bias,
     for X (n, seq, d); the constant sum p log p is added by the caller. Works tile by
@@ -309,18 +331,16 @@ class _RelationKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target_probs, key_bias, row_weights, want_grad):
         n, seq, d = x.shape
-        scale = d ** -0.5
         cross = x.new_zeros(())
         x_t = x.transpose(1, 2)
         # the gradient is computed transposed, (n, d, seq): X^T G has wide rows, which
         # the matmul kernels handle ~1.7x faster than G X's rows of d = width / R
         dx_t = x.new_empty(n, d, seq) if want_grad else None
-        padded = (row_weights == 0).any(dim=-1).tolist()  # per matrix
+        padded = _padded(row_weights)
         with _fp32_matmuls(x):
             for i, j in _tiles(n, seq * seq * 4, x.device):
-                pi, xi = target_probs[i:j], x[i:j]
-                log_q = torch.log_softmax(
-                    torch.baddbmm(key_bias[i:j], xi, x_t[i:j], alpha=scale), dim=-1)
+                pi = target_probs[i:j]
+                log_q = _log_relation(x[i:j], x_t[i:j], key_bias[i:j])
                 wi = row_weights[i:j, :, None] if any(padded[i:j]) else None
                 if wi is not None:
                     log_q.mul_(wi)  # padded queries count nowhere
@@ -332,7 +352,7 @@ class _RelationKL(torch.autograd.Function):
                         g.mul_(wi)
                     torch.bmm(x_t[i:j], g, out=dx_t[i:j])
                     dx_t[i:j].baddbmm_(x_t[i:j], g.transpose(1, 2))
-        ctx.scale = scale  # of the gradient too: d s / d X = scale (G X + G^T X)
+        ctx.scale = d ** -0.5  # of the gradient too: d s / d X = scale (G X + G^T X)
         ctx.save_for_backward(None if dx_t is None else dx_t.transpose(1, 2))
         return -cross
 
@@ -348,16 +368,13 @@ def relation_target(teacher_x: torch.Tensor, relation_heads: int,
     ``relation_scores(teacher_x, relation_heads)``, computed tile by tile."""
     b, seq, _ = teacher_x.shape
     with torch.no_grad(), _fp32_matmuls(teacher_x):
-        x = _matrices(teacher_x, relation_heads)
-        scale = x.shape[-1] ** -0.5
-        key_bias = _per_matrix(_key_bias(mask)[:, 0], relation_heads)  # (n, 1, seq)
+        x, key_bias = _relation_inputs(teacher_x, relation_heads, mask)
         n = x.shape[0]
         x_t = x.transpose(1, 2)
         probs = x.new_empty(n, seq, seq)
         neg_entropy = x.new_empty(n, seq)
         for i, j in _tiles(n, seq * seq * 4, x.device):
-            log_p = torch.log_softmax(
-                torch.baddbmm(key_bias[i:j], x[i:j], x_t[i:j], alpha=scale), dim=-1)
+            log_p = _log_relation(x[i:j], x_t[i:j], key_bias[i:j])
             torch.exp(log_p, out=probs[i:j])
             # padded keys: p is exactly 0 and log p finite, so they add nothing
             torch.sum(log_p.mul_(probs[i:j]), dim=-1, out=neg_entropy[i:j])
@@ -371,11 +388,11 @@ def relation_kl_to_target(student_x: torch.Tensor, relation_heads: int,
     """KL(target || softmax(relation_scores(student_x))), mean over R heads and real
     queries; equal to ``kl_to_target(relation_scores(x), ...)``, fused and tiled."""
     b, seq, _ = student_x.shape
-    x = _matrices(student_x, relation_heads)
+    x, key_bias = _relation_inputs(student_x, relation_heads, mask)
     row_weights = _per_matrix(_token_weights(mask), relation_heads)  # (n, seq)
     probs = target_probs.reshape(-1, seq, seq)
-    total = _RelationKL.apply(x, probs, _per_matrix(_key_bias(mask)[:, 0], relation_heads),
-                              row_weights, torch.is_grad_enabled() and x.requires_grad)
+    total = _RelationKL.apply(x, probs, key_bias, row_weights,
+                              torch.is_grad_enabled() and x.requires_grad)
     total = total + (target_neg_entropy.reshape(-1, seq).float() * row_weights).sum()
     return total / row_weights.sum().clamp(min=1.0)
 
