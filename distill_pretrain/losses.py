@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distill_pretrain import kernels
+
 MASKED_SCORE = -1e9
 """Added to padded keys' scores: exp underflows to exactly 0 in fp32, unlike -inf it
 never makes 0 * inf = NaN, and a row of only padding stays a (uniform) distribution."""
@@ -362,12 +364,47 @@ class _RelationKL(torch.autograd.Function):
         return dx * (grad * ctx.scale), None, None, None, None
 
 
+def _kernel_inputs(x: torch.Tensor, relation_heads: int, mask: torch.Tensor):
+    """For the fused CPU kernels: X^T of each relation matrix (n, d, seq), fp32,
+    contiguous, and the key bias (n, seq)."""
+    b, s, width = x.shape
+    d = width // relation_heads
+    xt = x.float().view(b, s, relation_heads, d).permute(0, 2, 3, 1).reshape(
+        b * relation_heads, d, s).contiguous()
+    return xt, _per_matrix(_key_bias(mask)[:, 0, 0], relation_heads)
+
+
+class _RelationKernelKL(torch.autograd.Function):
+    """``_RelationKL`` on the fused CPU kernel (kernels/relation.c): the same loss and
+    gradient, one row at a time in L1 instead of tiles of (seq, seq) matrices."""
+
+    @staticmethod
+    def forward(ctx, xt, target_probs, key_bias, row_weights, want_grad):
+        scale = xt.shape[1] ** -0.5
+        cross, dxt = kernels.relation_kl(xt, key_bias, row_weights, target_probs, scale,
+                                         want_grad)
+        ctx.scale = scale
+        ctx.save_for_backward(dxt)
+        return -cross
+
+    @staticmethod
+    def backward(ctx, grad):
+        dxt, = ctx.saved_tensors
+        return dxt * (grad * ctx.scale), None, None, None, None
+
+
 def relation_target(teacher_x: torch.Tensor, relation_heads: int,
                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher side of a relation KL, without grad: ``target_distribution`` of
-    ``relation_scores(teacher_x, relation_heads)``, computed tile by tile."""
+    ``relation_scores(teacher_x, relation_heads)``, computed tile by tile (or row by row
+    in the fused CPU kernel)."""
     b, seq, _ = teacher_x.shape
     with torch.no_grad(), _fp32_matmuls(teacher_x):
+        if kernels.usable(teacher_x.shape[-1] // relation_heads, teacher_x):
+            xt, key_bias = _kernel_inputs(teacher_x, relation_heads, mask)
+            probs, neg_entropy = kernels.relation_target(xt, key_bias, xt.shape[1] ** -0.5)
+            return (probs.view(b, relation_heads, seq, seq),
+                    neg_entropy.view(b, relation_heads, seq))
         x, key_bias = _relation_inputs(teacher_x, relation_heads, mask)
         n = x.shape[0]
         x_t = x.transpose(1, 2)
@@ -388,11 +425,17 @@ def relation_kl_to_target(student_x: torch.Tensor, relation_heads: int,
     """KL(target || softmax(relation_scores(student_x))), mean over R heads and real
     queries; equal to ``kl_to_target(relation_scores(x), ...)``, fused and tiled."""
     b, seq, _ = student_x.shape
-    x, key_bias = _relation_inputs(student_x, relation_heads, mask)
     row_weights = _per_matrix(_token_weights(mask), relation_heads)  # (n, seq)
     probs = target_probs.reshape(-1, seq, seq)
-    total = _RelationKL.apply(x, probs, key_bias, row_weights,
-                              torch.is_grad_enabled() and x.requires_grad)
+    if kernels.usable(student_x.shape[-1] // relation_heads, student_x, probs):
+        xt, key_bias = _kernel_inputs(student_x, relation_heads, mask)
+        total = _RelationKernelKL.apply(xt, probs.float().contiguous(), key_bias,
+                                        row_weights, torch.is_grad_enabled()
+                                        and xt.requires_grad)
+    else:
+        x, key_bias = _relation_inputs(student_x, relation_heads, mask)
+        total = _RelationKL.apply(x, probs, key_bias, row_weights,
+                                  torch.is_grad_enabled() and x.requires_grad)
     total = total + (target_neg_entropy.reshape(-1, seq).float() * row_weights).sum()
     return total / row_weights.sum().clamp(min=1.0)
 
