@@ -35,34 +35,69 @@ class InProcess:
 
 
 class RayPool:
-    """At most ``workers`` Ray tasks in flight, one CPU each; results as they finish."""
+    """At most ``workers`` Ray tasks running at once, one CPU each; results as they finish.
+
+    Each worker has a second task queued behind the one it runs, so Ray starts it the
+    moment a CPU frees, without a round trip through this (Python) driver: that gap was
+    ~13 ms per task, 4% of a prep run on a small corpus. When ``workers`` is less than
+    the cluster's CPUs, a placement group of ``workers`` CPUs holds the queued tasks back;
+    otherwise the CPUs themselves do."""
 
     uses_ray = True
+    QUEUED_PER_WORKER = 1
+    RESERVE_TIMEOUT_S = 120.0
 
     def __init__(self, workers: int):
         self.workers = workers
 
+    @contextlib.contextmanager
+    def _remote(self, fn_options: dict):
+        import ray
+
+        if self.workers >= _cluster_cpus():
+            yield ray.remote(**fn_options)(_call)
+            return
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = placement_group([{"CPU": 1}] * self.workers)
+        try:
+            try:
+                ray.get(group.ready(), timeout=self.RESERVE_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise PrepError(f"prep: the Ray cluster did not free {self.workers} CPUs for "
+                                f"prep in {self.RESERVE_TIMEOUT_S:.0f} s (it has "
+                                f"{_cluster_cpus()}, others may be busy); lower --workers or "
+                                f"wait for other jobs") from None
+            strategy = PlacementGroupSchedulingStrategy(group)
+            yield ray.remote(scheduling_strategy=strategy, **fn_options)(_call)
+        finally:
+            remove_placement_group(group)
+
     def imap_unordered(self, fn: Callable, items: Iterable, shared: Any) -> Iterator:
         import ray
 
-        remote = ray.remote(num_cpus=1, max_retries=1)(_call)
-        shared_ref = ray.put(shared)
-        pending: dict = {}
         todo = list(enumerate(items))
+        if not todo:
+            return
         todo.reverse()
-        try:
-            while todo or pending:
-                while todo and len(pending) < self.workers:
-                    i, item = todo.pop()
-                    pending[remote.remote(fn, item, shared_ref)] = i
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    i = pending.pop(ref)
-                    yield i, _get(ref)
-        finally:
-            for ref in pending:
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
+        window = self.workers * (1 + self.QUEUED_PER_WORKER)
+        pending: dict = {}
+        with self._remote(dict(num_cpus=1, max_retries=1)) as remote:
+            shared_ref = ray.put(shared)
+            try:
+                while todo or pending:
+                    while todo and len(pending) < window:
+                        i, item = todo.pop()
+                        pending[remote.remote(fn, item, shared_ref)] = i
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in done:
+                        i = pending.pop(ref)
+                        yield i, _get(ref)
+            finally:
+                for ref in pending:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref, force=True)
 
 
 def _call(fn: Callable, item: Any, shared: Any) -> Any:

@@ -96,6 +96,32 @@ def test_shards_are_byte_identical_for_0_1_and_2_workers(ray_session, tmp_path, 
     assert results[2] == results[0]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_pool_queues_ahead_but_runs_at_most_workers_at_once(ray_session, workers):
+    """Tasks are queued ahead of the workers (no driver round trip between two tasks), yet
+    on this 2-CPU Ray one worker never runs two at once (its placement group holds them)."""
+    from data_prep.executor import RayPool
+
+    def timed_task(item, pause):  # defined here: sent by value, the workers cannot import tests
+        import time as clock
+
+        start = clock.monotonic()
+        clock.sleep(pause)
+        return item, start, clock.monotonic()
+
+    got = dict(RayPool(workers).imap_unordered(timed_task, range(8), 0.15))
+    assert sorted(got) == list(range(8)) and all(got[i][0] == i for i in got)
+    events = sorted([(start, 1) for _, start, _ in got.values()]
+                    + [(end, -1) for _, _, end in got.values()])  # an end sorts first
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    assert most == workers, events
+    assert not ray_session.util.placement_group_table() or all(
+        g["state"] == "REMOVED" for g in ray_session.util.placement_group_table().values())
+
+
 def test_workers_write_to_a_file_url(ray_session, tmp_path, corpus, tokenizer_dir):
     manifest = run_prep(cfg(f"file://{tmp_path}/out", corpus), str(tokenizer_dir), workers=2)
     assert manifest["splits"]["train"]["samples"] > 0
