@@ -374,23 +374,18 @@ def _kernel_inputs(x: torch.Tensor, relation_heads: int, mask: torch.Tensor):
     return xt, _per_matrix(_key_bias(mask)[:, 0, 0], relation_heads)
 
 
-class _RelationKernelKL(torch.autograd.Function):
-    """``_RelationKL`` on the fused CPU kernel (kernels/relation.c): the same loss and
-    gradient, one row at a time in L1 instead of tiles of (seq, seq) matrices."""
+class _RelationKernelKL(_RelationKL):
+    """``_RelationKL`` on the fused CPU kernel (kernels/relation.c), taking X^T (n, d, seq):
+    the same loss and saved gradient (so the same backward), one row at a time in L1
+    instead of tiles of (seq, seq) matrices."""
 
     @staticmethod
     def forward(ctx, xt, target_probs, key_bias, row_weights, want_grad):
-        scale = xt.shape[1] ** -0.5
-        cross, dxt = kernels.relation_kl(xt, key_bias, row_weights, target_probs, scale,
+        ctx.scale = xt.shape[1] ** -0.5
+        cross, dxt = kernels.relation_kl(xt, key_bias, row_weights, target_probs, ctx.scale,
                                          want_grad)
-        ctx.scale = scale
         ctx.save_for_backward(dxt)
         return -cross
-
-    @staticmethod
-    def backward(ctx, grad):
-        dxt, = ctx.saved_tensors
-        return dxt * (grad * ctx.scale), None, None, None, None
 
 
 def relation_target(teacher_x: torch.Tensor, relation_heads: int,

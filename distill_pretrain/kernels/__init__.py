@@ -139,11 +139,13 @@ def _ranges(n: int) -> list[tuple[int, int]]:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of at least ``workers`` threads, kept across calls (grown when torch's
+    thread count grows)."""
     with _lock:
-        pool = _state.get("pool")
-        if pool is None or pool._max_workers < workers:
-            _state["pool"] = pool = ThreadPoolExecutor(workers, "distill-kernel")
-        return pool
+        if _state.get("pool_size", 0) < workers:
+            _state["pool"] = ThreadPoolExecutor(workers, "distill-kernel")
+            _state["pool_size"] = workers
+        return _state["pool"]
 
 
 def _run(call, n: int) -> None:
