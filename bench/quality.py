@@ -6,11 +6,17 @@
 
 Each is fine-tuned on bbc_news and wiki_topic with several seeds (plus the teacher), and
 the report gives mean +- std, retention of the teacher's score and the (a)-(b), (a)-(c)
-margins. All share one set of shards with both tasks' evaluation documents held out.
-Prints one JSON line. Not run in CI (tens of minutes on a 2-core CPU).
+margins. A frozen-feature probe (logistic regression on mean-pooled last hidden states,
+the same training examples, its C picked on validation) measures what each encoder
+carries before fine-tuning moves it. All share one set of shards with both tasks'
+evaluation documents held out. Prints one JSON line. Not run in CI (tens of minutes on a
+2-core CPU).
 
     python bench/quality.py [--recipe demo] [--steps 400] [--seeds 0,1,2]
-        [--tasks bbc_news,wiki_topic] [--max-train 0] [--out runs/quality]
+        [--tasks bbc_news,wiki_topic] [--max-train 0] [--min-steps 0] [--out runs/quality]
+
+Fine-tuning results are kept under OUT/finetune and reused while the model's weights and
+the fine-tuning hyperparameters are unchanged.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ def main() -> int:
     ap.add_argument("--tasks", default="bbc_news,wiki_topic")
     ap.add_argument("--max-train", type=int, default=0,
                     help="cap fine-tuning examples per task (0 = all)")
+    ap.add_argument("--min-steps", type=int, default=0,
+                    help="fine-tune for at least this many steps (more epochs on a capped "
+                         "training split)")
     ap.add_argument("--cluster", default="local/2proc")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--set", dest="extra", action="append", default=[],
@@ -103,31 +112,34 @@ def main() -> int:
     timings["c_pretrain_s"] = round(time.perf_counter() - t0, 1)
 
     # Fine-tune everything on every task with every seed.
-    from finetune import build_report, run_task
+    from finetune import build_report
     from finetune.config import FinetuneConfig, ReportConfig
     models = {"teacher": str(resolve_model_dir(recipe_a.teacher.path)),
               "a_distilled": recipe_a.train.export_dir, "b_teacher_layers": str(b_dir),
               "c_mlm_only": str(out / "c" / "student")}
     ft_cfg = FinetuneConfig(tasks=tasks, seeds=seeds, save_model="none",
-                            max_train_examples=args.max_train or None)
+                            max_train_examples=args.max_train or None,
+                            min_steps=args.min_steps or None)
     results: dict = {}
     t0 = time.perf_counter()
     for task in tasks:  # task-major: a task's comparison is complete before the next
         for name, folder in models.items():
-            done = out / "finetune" / name / task / "results.json"
-            if done.is_file():
-                res = json.loads(done.read_text())
-            else:
-                res = run_task(folder, task, out / "finetune" / name / task, ft_cfg)
+            res = _finetuned(folder, task, out / "finetune" / name / task, ft_cfg, log)
             results.setdefault(name, {})[task] = res
             log.info("%s on %s: %.4f +- %.4f", name, task, res["score"], res["score_std"] or 0)
     timings["finetune_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    probe = {task: {name: _probe(folder, task, ft_cfg, log) for name, folder in models.items()}
+             for task in tasks}
+    timings["probe_s"] = round(time.perf_counter() - t0, 1)
     report = build_report(models, results, out / "report", "teacher",
                           ReportConfig(latency_repeats=10))
 
     summary = {"bench": "quality", "recipe": args.recipe, "teacher": recipe_a.teacher.path,
                "student": f"{recipe_a.student.num_layers} layers",
-               "pretrain_steps": recipe_a.train.max_steps, "seeds": seeds, "tasks": {}}
+               "pretrain_steps": recipe_a.train.max_steps, "seeds": seeds,
+               "finetune": {"max_train": args.max_train, "min_steps": args.min_steps},
+               "tasks": {}}
     for task in tasks:
         row = {}
         for name in models:
@@ -140,6 +152,9 @@ def main() -> int:
             row[name]["retention_pct"] = round(100 * row[name]["mean"] / teacher_score, 2)
         row["a_minus_b"] = round(row["a_distilled"]["mean"] - row["b_teacher_layers"]["mean"], 4)
         row["a_minus_c"] = round(row["a_distilled"]["mean"] - row["c_mlm_only"]["mean"], 4)
+        row["probe"] = probe[task]
+        row["probe_a_minus_b"] = round(probe[task]["a_distilled"]["test"]
+                                       - probe[task]["b_teacher_layers"]["test"], 4)
         summary["tasks"][task] = row
     summary["distilled_beats_both"] = all(
         r["a_minus_b"] > 0 and r["a_minus_c"] > 0 for r in summary["tasks"].values())
@@ -151,6 +166,89 @@ def main() -> int:
     summary["timings"] = timings
     print(json.dumps(summary))
     return 0
+
+
+def _fingerprint(model_dir: str, hparams: dict) -> dict:
+    """What a kept fine-tuning result depends on: the weights (size and mtime of each
+    weights file) and the hyperparameters."""
+    weights = sorted(p for p in Path(model_dir).iterdir()
+                     if p.suffix in (".safetensors", ".bin"))
+    return {"model_dir": str(model_dir), "hparams": hparams,
+            "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]}
+
+
+def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
+    """run_task, or its kept result when the weights and hyperparameters are the same."""
+    import dataclasses
+
+    from distill_common.fsio import atomic_write_text
+    from finetune import run_task
+    from finetune.tasks import load_task
+    from finetune.train import resolve_hparams
+
+    hparams = dataclasses.asdict(resolve_hparams(load_task(task), cfg))
+    want = _fingerprint(model_dir, hparams)
+    done, stamp = out / "results.json", out / "fingerprint.json"
+    if done.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
+        log.info("%s on %s: kept from %s", model_dir, task, done)
+        return json.loads(done.read_text())
+    res = run_task(model_dir, task, out, cfg)
+    atomic_write_text(stamp, json.dumps(want, indent=1))
+    return res
+
+
+def _probe(model_dir: str, task_name: str, cfg, log) -> dict:
+    """Frozen-feature probe: mean-pooled last hidden states of the training subset the
+    fine-tuning used, standardised, multinomial logistic regression; C picked on the
+    validation split; the task metric on test (validation when there is none)."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from finetune.data import load_task_data
+    from finetune.loading import load_encoder, load_tokenizer
+    from finetune.metrics import classification_metrics
+    from finetune.tasks import load_task
+    from finetune.train import _train_subset, resolve_hparams
+
+    task = load_task(task_name)
+    hp = resolve_hparams(task, cfg)
+    data = load_task_data(task)
+    _train_subset(data, hp, task)
+    tokenizer = load_tokenizer(Path(model_dir), task)
+    encoder = load_encoder(Path(model_dir))
+
+    def features(examples) -> np.ndarray:
+        rows = []
+        for start in range(0, len(examples), 64):
+            batch = tokenizer([ex.text for ex in examples[start:start + 64]], truncation=True,
+                              max_length=hp.max_length, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                hidden = encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            rows.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
+        return np.concatenate(rows)
+
+    x_train = features(data.train)
+    scaler = StandardScaler().fit(x_train)
+    x_train = scaler.transform(x_train)
+    x_val = scaler.transform(features(data.validation))
+    y_train = [ex.label for ex in data.train]
+    best = None
+    for c in (0.01, 0.03, 0.1, 0.3, 1.0):
+        clf = LogisticRegression(C=c, max_iter=3000).fit(x_train, y_train)
+        val = classification_metrics([ex.label for ex in data.validation],
+                                     clf.predict(x_val))[task.metric]
+        if best is None or val > best[0]:
+            best = (val, c, clf)
+    val, c, clf = best
+    held = data.test if data.test is not None else data.validation
+    test = classification_metrics([ex.label for ex in held],
+                                  clf.predict(scaler.transform(features(held))))[task.metric]
+    log.info("probe %s on %s: C=%g, validation %.4f, test %.4f", model_dir, task_name, c,
+             val, test)
+    return {"C": c, "validation": round(float(val), 4), "test": round(float(test), 4)}
 
 
 def _per_seed(result: dict) -> list[float]:

@@ -48,6 +48,9 @@ class HParams:
     """auto (bf16 on a GPU, and on a CPU with native bf16; else fp32), bf16 or fp32."""
     max_train_examples: Optional[int] = None
     """Use at most this many training examples (a seeded subset); 0 = all."""
+    min_steps: Optional[int] = None
+    """Train for at least this many optimizer steps: on a small training split the epochs
+    are raised to reach it (early stopping still applies); 0 = the epochs as given."""
 
     def __post_init__(self):
         if self.seeds is not None:
@@ -57,7 +60,8 @@ class HParams:
                      "evals_per_epoch"):
             value = getattr(self, name)
             check(value is None or value > 0, name, f"must be > 0, got {value}")
-        for name in ("patience", "max_train_examples", "weight_decay", "max_grad_norm"):
+        for name in ("patience", "max_train_examples", "min_steps", "weight_decay",
+                     "max_grad_norm"):
             value = getattr(self, name)
             check(value is None or value >= 0, name, f"must be >= 0, got {value}")
         check(self.learning_rate is None or self.learning_rate > 0, "learning_rate",
@@ -71,7 +75,7 @@ class HParams:
 DEFAULT_HPARAMS = HParams(
     seeds=[0], epochs=3, batch_size=32, eval_batch_size=64, learning_rate=5e-5,
     weight_decay=0.01, warmup_ratio=0.1, max_length=128, patience=2, evals_per_epoch=1,
-    max_grad_norm=1.0, precision="auto", max_train_examples=0)
+    max_grad_norm=1.0, precision="auto", max_train_examples=0, min_steps=0)
 
 
 def merge_hparams(*layers: HParams) -> HParams:

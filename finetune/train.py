@@ -140,7 +140,12 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
     train_split: EncodedSplit = splits["train"]
     n_train = len(train_split)
     steps_per_epoch = math.ceil(math.ceil(n_train / ctx.world_size) / hp.batch_size)
-    total_steps = steps_per_epoch * hp.epochs
+    epochs = max(hp.epochs, math.ceil(hp.min_steps / steps_per_epoch))
+    if epochs > hp.epochs:
+        log.info("%s seed %d: %d epochs instead of %d, to reach min_steps %d at %d steps "
+                 "per epoch", task.name, seed, epochs, hp.epochs, hp.min_steps,
+                 steps_per_epoch)
+    total_steps = steps_per_epoch * epochs
     optimizer = torch.optim.AdamW(_param_groups(model, hp.weight_decay), lr=hp.learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total_steps),
                                                 total_steps)
@@ -150,7 +155,7 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
     history, step, stopped_early = [], 0, False
     progress = Progress(f"finetune {task.name} seed {seed}", total=total_steps, unit="steps")
     started = time.perf_counter()
-    for epoch in range(hp.epochs):
+    for epoch in range(epochs):
         order = _epoch_order(n_train, seed, epoch, ctx)
         for in_epoch, start in enumerate(range(0, len(order), hp.batch_size), start=1):
             batch = {k: v.to(ctx.device)
@@ -198,7 +203,7 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
         test = evaluate(model, splits["test"], gold_of(task, data.test), task, data.labels,
                         hp, ctx.device, bf16, ctx, pad_id)
     record = {"seed": seed, "validation": best_val, "test": test, "best": best_at,
-              "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
+              "epochs": epochs, "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
               "train_seconds": round(train_seconds, 2), "history": history}
     return model, record
 

@@ -258,24 +258,49 @@ columns: {text: sentence, label: topic}
     assert res["seeds"][0]["steps"] == 2 * -(-int(res["sizes"]["train"]) // 16)
 
 
-def test_early_stopping_stops(tmp_path, tiny_encoder_dir):
-    """lr=0 never improves: patience 1 stops after the second evaluation."""
+def _topics_task(tmp_path):
     import pandas as pd
 
-    from finetune import run_task
-
     pd.DataFrame(classification_rows(80)).to_csv(tmp_path / "topics.csv", index=False)
-    task = write_task(tmp_path, "topics", """
+    return write_task(tmp_path, "topics", """
 name: topics
 source: {path: topics.csv}
 columns: {text: sentence, label: topic}
 """)
+
+
+def test_early_stopping_stops(tmp_path, tiny_encoder_dir):
+    """lr=0 never improves: patience 1 stops after the second evaluation."""
+    from finetune import run_task
+
+    task = _topics_task(tmp_path)
     res = run_task(tiny_encoder_dir, task, tmp_path / "out",
                    finetune_cfg("learning_rate=1e-12", "patience=1", "epochs=5",
                                 "evals_per_epoch=2", "save_model=none"))
     seed = res["seeds"][0]
     assert seed["stopped_early"] and len(seed["history"]) == 2
     assert res["saved_model"] is None and not (tmp_path / "out" / "model").exists()
+
+
+def test_min_steps_raises_epochs_on_a_small_subset(tmp_path, tiny_encoder_dir):
+    """max_train_examples=20 at batch 8 is 3 steps an epoch: min_steps=10 makes it 4
+    epochs (12 steps) instead of 1; a larger split keeps its epochs."""
+    from finetune import run_task
+
+    task = _topics_task(tmp_path)
+    res = run_task(tiny_encoder_dir, task, tmp_path / "small",
+                   finetune_cfg("epochs=1", "batch_size=8", "max_train_examples=20",
+                                "min_steps=10", "save_model=none"))
+    seed = res["seeds"][0]
+    assert res["sizes"]["train"] == 20 and res["hparams"]["min_steps"] == 10
+    assert (seed["epochs"], seed["total_steps"], seed["steps"]) == (4, 12, 12)
+    assert [h["step"] for h in seed["history"]] == [3, 6, 9, 12]
+    res = run_task(tiny_encoder_dir, task, tmp_path / "large",
+                   finetune_cfg("epochs=1", "batch_size=8", "min_steps=5",
+                                "save_model=none"))
+    assert res["seeds"][0]["epochs"] == 1 and res["seeds"][0]["steps"] >= 5
+    with pytest.raises(Exception, match="min_steps"):
+        finetune_cfg("min_steps=-1")
 
 
 @pytest.mark.slow
