@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.packing import pack_stream, piece_bounds, sentence_starts, split_pieces
 from data_prep.plan import DROP, TRAIN, ChunkSpec
+from data_prep.scan import read_spill, spill_name
 from data_prep.shards import Output, write_shard
 from data_prep.sources import ReadOptions, read_unit
 from data_prep.tokenizer import TokenizerSpec, build_encoder
+
+log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 256
 SPLITS = ("train", "validation")
@@ -38,6 +42,9 @@ class ChunkContext:
     min_tokens: int
     sentence_split: bool
     output_url: str
+    spill: bool = False
+    """Pass 1 wrote the normalised texts to the output folder (read them, not the
+    sources)."""
 
 
 @dataclass
@@ -72,8 +79,8 @@ def _pieces(enc, ids: list, text: str, max_len: int, sentence_split: bool):
     """A document longer than ``max_len`` tokens, cut at sentence starts where it can."""
     if not sentence_split:
         return [ids]
-    starts = [s for s, _ in enc.offsets]  # only long documents pay for the offsets
-    return split_pieces(ids, piece_bounds(starts, sentence_starts(text), max_len))
+    # only long documents pay for the offsets
+    return split_pieces(ids, piece_bounds(enc.offsets, sentence_starts(text), max_len))
 
 
 def _encode_batch(encoder, texts, splits, streams, docs, ctx, sep_id) -> tuple[int, int]:
@@ -99,32 +106,60 @@ def _encode_batch(encoder, texts, splits, streams, docs, ctx, sep_id) -> tuple[i
     return too_short, tokens
 
 
-def tokenize_chunk(spec: ChunkSpec, ctx: ChunkContext) -> tuple[dict, dict, int, int]:
-    """The chunk's documents -> (split -> token stream, split -> docs, too_short, tokens)."""
+def _source_texts(spec: ChunkSpec, ctx: ChunkContext) -> Iterator[tuple[int, Optional[str]]]:
+    """(assignment, text) of the chunk's items, read again from the source and normalised
+    (None where dropped)."""
     from distill_common.textnorm import normalize_text
 
-    encoder = build_encoder(ctx.tokenizer)
-    streams = {s: [] for s in SPLITS}
-    docs = {s: 0 for s in SPLITS}
-    too_short = tokens = 0
-    texts, splits = [], []
     n_items = spec.stop - spec.start
     seen = 0
     items = read_unit(spec.unit, ctx.opts, spec.start, spec.resume)
     for assign, item in zip(spec.assign, items):  # assign first: zip then stops without
         # pulling one item too many from the reader (which keeps its place for the next chunk)
         seen += 1
+        yield assign, None if assign == DROP else normalize_text(item.text)
+    if seen != n_items:
+        raise PrepError(f"{spec.unit.label}: has {spec.start + seen} documents now but "
+                        f"{spec.stop} when it was scanned; it changed during prep, rerun")
+
+
+def _spilled_texts(spec: ChunkSpec, out: Output) -> Optional[list]:
+    """The chunk's texts as pass 1 normalised them, or None without a spill file."""
+    name = spill_name(spec.unit, spec.start)
+    try:
+        texts = read_spill(out.read_bytes(name))
+    except FileNotFoundError:
+        log.warning("prep: %s is missing; reading %s again", name, spec.unit.label)
+        return None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PrepError(f"{out.path(name)}: damaged spill file ({err}); rerun prep, which "
+                        f"writes it again") from None
+    if len(texts) != spec.stop - spec.start or any(
+            t is None for t, a in zip(texts, spec.assign) if a != DROP):
+        raise PrepError(f"{out.path(name)}: holds {len(texts)} documents where the plan "
+                        f"has {spec.stop - spec.start}; rerun prep, which writes it again")
+    return texts
+
+
+def tokenize_chunk(spec: ChunkSpec, ctx: ChunkContext, out: Optional[Output] = None
+                   ) -> tuple[dict, dict, int, int]:
+    """The chunk's documents -> (split -> token stream, split -> docs, too_short, tokens)."""
+    encoder = build_encoder(ctx.tokenizer)
+    streams = {s: [] for s in SPLITS}
+    docs = {s: 0 for s in SPLITS}
+    too_short = tokens = 0
+    texts, splits = [], []
+    spilled = _spilled_texts(spec, out) if ctx.spill and out is not None else None
+    items = zip(spec.assign, spilled) if spilled is not None else _source_texts(spec, ctx)
+    for assign, text in items:
         if assign == DROP:
             continue
-        texts.append(normalize_text(item.text))
+        texts.append(text)
         splits.append("train" if assign == TRAIN else "validation")
         if len(texts) == ENCODE_BATCH:
             ts, nt = _encode_batch(encoder, texts, splits, streams, docs, ctx,
                                    ctx.tokenizer.sep_id)
             too_short, tokens, texts, splits = too_short + ts, tokens + nt, [], []
-    if seen != n_items:
-        raise PrepError(f"{spec.unit.label}: has {spec.start + seen} documents now but "
-                        f"{spec.stop} when it was scanned; it changed during prep, rerun")
     if texts:
         ts, nt = _encode_batch(encoder, texts, splits, streams, docs, ctx,
                                ctx.tokenizer.sep_id)
@@ -138,7 +173,7 @@ def process_chunk(spec: ChunkSpec, ctx: ChunkContext) -> ChunkResult:
     started, cpu_started = time.perf_counter(), time.process_time()
     tok = ctx.tokenizer
     out = Output(ctx.output_url)
-    streams, docs, too_short, tokens = tokenize_chunk(spec, ctx)
+    streams, docs, too_short, tokens = tokenize_chunk(spec, ctx, out)
     shards, tails = {}, {}
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     for split in SPLITS:
@@ -152,6 +187,8 @@ def process_chunk(spec: ChunkSpec, ctx: ChunkContext) -> ChunkResult:
     result = ChunkResult(spec.index, shards, tails, counts, docs, too_short, tokens,
                          time.perf_counter() - started, time.process_time() - cpu_started)
     save_marker(out, spec, result)
+    if ctx.spill:
+        out.remove(spill_name(spec.unit, spec.start))  # done with: free the disk
     return result
 
 

@@ -62,6 +62,11 @@ class PrepConfig:
     0 runs everything in this process without Ray (tests, tiny inputs)."""
     progress_every_s: float = 10.0
     """Seconds between progress lines (documents/s, tokens/s, ETA)."""
+    spill_text: Optional[bool] = None
+    """Pass 1 writes the normalised texts beside the shards (`.prep/text/`, about the
+    corpus's size, each file deleted once its chunk is packed) and pass 2 tokenizes those
+    instead of reading and normalising the sources again. Default: on for a local output
+    folder, off for remote URLs (where it would double the writes)."""
 
     def __post_init__(self):
         check(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")

@@ -13,6 +13,7 @@ concatenated document tokens.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from typing import Sequence
 
 import numpy as np
@@ -26,25 +27,30 @@ def sentence_starts(text: str) -> list[int]:
     return [m.end() for m in _SENTENCE_END.finditer(text) if m.end() < len(text)]
 
 
-def piece_bounds(token_starts: Sequence[int], sentence_chars: Sequence[int],
+def piece_bounds(token_offsets: Sequence[tuple[int, int]], sentence_chars: Sequence[int],
                  max_len: int) -> list[int]:
-    """Cut points that split a document of ``len(token_starts)`` tokens into pieces of at
+    """Cut points that split a document of ``len(token_offsets)`` tokens into pieces of at
     most ``max_len`` tokens, each cut at the latest sentence start that fits, or at
     ``max_len`` when one sentence is longer. Returns the piece ends (last == n_tokens).
 
-    ``token_starts[i]`` is the character offset where token ``i`` begins.
+    ``token_offsets[i]`` is the (start, end) character span of token ``i`` (the
+    tokenizer's offsets, in order), searched as they are: no per-token copy.
     """
-    n = len(token_starts)
-    starts = np.asarray(token_starts, dtype=np.int64)
-    # Token index that begins each sentence (a token straddling the boundary belongs to
-    # the sentence it starts in).
-    cuts = np.unique(np.searchsorted(starts, np.asarray(sentence_chars, dtype=np.int64)))
-    cuts = cuts[(cuts > 0) & (cuts < n)]
+    n = len(token_offsets)
+    # The token that begins each sentence: the first whose span starts at or after the
+    # sentence's first character ((c,) sorts before every (c, end)), so a token
+    # straddling the boundary belongs to the sentence it starts in.
+    cuts, last = [], 0
+    for c in sentence_chars:
+        k = bisect_left(token_offsets, (c,))
+        if last < k < n:
+            cuts.append(k)
+            last = k
     ends, begin = [], 0
     while n - begin > max_len:
         limit = begin + max_len
-        hi = np.searchsorted(cuts, limit, side="right")  # cuts[:hi] <= limit
-        end = int(cuts[hi - 1]) if hi > 0 and cuts[hi - 1] > begin else limit
+        hi = bisect_right(cuts, limit)  # cuts[:hi] <= limit
+        end = cuts[hi - 1] if hi > 0 and cuts[hi - 1] > begin else limit
         ends.append(end)
         begin = end
     ends.append(n)

@@ -29,7 +29,7 @@ from data_prep.manifest import FORMAT_VERSION, MANIFEST, TOKEN_COUNTS
 from data_prep.packing import pack_final
 from data_prep.plan import (ChunkSpec, dropped_counts, mark_duplicates, plan_chunks,
                             work_order)
-from data_prep.scan import UnitScan, load_holdout, scan_unit
+from data_prep.scan import SPILL_DIR, UnitScan, load_holdout, scan_unit
 from data_prep.shards import Output, npy_bytes, write_shard
 from data_prep.sources import ReadOptions, Unit, resolve_sources
 from data_prep.tokenizer import TokenizerSpec, load_tokenizer_spec
@@ -172,7 +172,7 @@ def run_prep(cfg: PrepConfig, tokenizer_path: str, *, ray_address: Optional[str]
     opts = ReadOptions(cfg.doc_split, cfg.text_field, cfg.id_field, cfg.format)
     out = Output(cfg.output_dir)
     out.remove(MANIFEST)  # until the new manifest is written the folder is not complete
-    for folder in ("train", "validation", ".prep"):
+    for folder in ("train", "validation", ".prep", SPILL_DIR):
         out.remove_stale_temps(folder)
     sources = resolve_sources(list(cfg.sources), opts, cfg.on_error)
     for s in sources:
@@ -188,7 +188,9 @@ def run_prep(cfg: PrepConfig, tokenizer_path: str, *, ray_address: Optional[str]
         log.info("prep: %d sources, %d input units, %s", len(sources), len(units),
                  f"{ex.workers} Ray workers" if ex.uses_ray else "in process")
         phase = time.perf_counter()
-        scans = _scan_all(ex, units, (opts, holdout, cfg.docs_per_shard, cfg.on_error))
+        spill = cfg.spill_text if cfg.spill_text is not None else out.is_local
+        scans = _scan_all(ex, units, (opts, holdout, cfg.docs_per_shard, cfg.on_error,
+                                      out.url if spill else None))
         scan_seconds, phase = time.perf_counter() - phase, time.perf_counter()
         _log_skipped(scans)
         mark_duplicates(scans)
@@ -196,8 +198,10 @@ def run_prep(cfg: PrepConfig, tokenizer_path: str, *, ray_address: Optional[str]
         chunks = plan_chunks(units, scans, cfg.docs_per_shard, cfg.validation_fraction,
                              base)
         ctx = ChunkContext(opts, tok, cfg.seq_len, cfg.min_tokens, cfg.sentence_split,
-                           out.url)
+                           out.url, spill)
         results = _run_chunks(ex, chunks, ctx, out, cfg.progress_every_s)
+        if spill:
+            out.remove_tree(SPILL_DIR)  # what reused chunks did not need
         chunk_seconds = time.perf_counter() - phase
         n_workers = ex.workers if ex.uses_ray else 0
     dropped = dropped_counts(scans)

@@ -3,11 +3,17 @@
 The result is small (16 bytes and a status byte per document): enough for the driver to
 remove exact duplicates across the whole corpus, drop held-out text and pick the
 validation documents, without anyone holding the text itself.
+
+With ``spill`` set, the normalised texts are also written to the output folder, one file
+per future chunk (``.prep/text/``), so that pass 2 tokenizes exactly the text that was
+hashed without reading and normalising the sources a second time; each file holds one
+chunk's documents (memory stays bounded by ``docs_per_shard``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -17,6 +23,7 @@ import numpy as np
 from data_prep.errors import PrepError
 from data_prep.sources import ReadOptions, Unit, read_unit
 
+SPILL_DIR = ".prep/text"
 DIGEST_BYTES = 16  # of sha256(normalised text): collisions are out of reach at 2^64 docs
 
 # Status of a document after pass 1 (and after dedup on the driver); the names are the
@@ -76,8 +83,40 @@ def load_holdout(path: Optional[str]) -> Holdout:
                    frozenset(e for e in entries if e.lower() not in hashes))
 
 
+def spill_name(unit: Unit, start: int) -> str:
+    """The spill file of the chunk of ``unit`` that starts at item ``start``."""
+    key = hashlib.sha256(json.dumps([unit.kind, unit.location]).encode()).hexdigest()[:16]
+    return f"{SPILL_DIR}/{key}-{start:012d}.bin"
+
+
+def spill_bytes(texts: list[Optional[str]]) -> bytes:
+    """[item count (int64)] [per item: length in characters, -1 for none (int64)]
+    [the texts, concatenated, UTF-8]."""
+    lengths = np.asarray([-1 if t is None else len(t) for t in texts], dtype="<i8")
+    body = "".join(t for t in texts if t is not None).encode("utf-8")
+    return np.int64(len(texts)).astype("<i8").tobytes() + lengths.tobytes() + body
+
+
+def read_spill(blob: bytes) -> list[Optional[str]]:
+    """The inverse of :func:`spill_bytes`."""
+    n = int(np.frombuffer(blob[:8], dtype="<i8")[0])
+    lengths = np.frombuffer(blob[8:8 + 8 * n], dtype="<i8").tolist()
+    text = blob[8 + 8 * n:].decode("utf-8")
+    texts, pos = [], 0
+    for length in lengths:
+        if length < 0:
+            texts.append(None)
+        else:
+            texts.append(text[pos:pos + length])
+            pos += length
+    if pos != len(text):
+        raise ValueError(f"spill holds {len(text)} characters, its lengths add up to {pos}")
+    return texts
+
+
 def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: int,
-              on_error: str) -> UnitScan:
+              on_error: str, spill: Optional[str] = None) -> UnitScan:
+    """``spill``: output folder URL to write the normalised texts to (see module doc)."""
     from distill_common.textnorm import normalize_text
 
     cpu_started = time.process_time()
@@ -86,9 +125,18 @@ def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: i
     chars: list[int] = []
     resume, first_errors = {}, {}
     zero = bytes(DIGEST_BYTES)
+    out = texts = None
+    if spill is not None:
+        from data_prep.shards import Output
+
+        out, texts = Output(spill), []
     for i, item in enumerate(read_unit(unit, opts)):
-        if i and i % docs_per_shard == 0 and item.offset is not None:
-            resume[i] = (item.offset, item.line - 1)
+        if i and i % docs_per_shard == 0:
+            if item.offset is not None:
+                resume[i] = (item.offset, item.line - 1)
+            if out is not None:
+                out.write_bytes(spill_name(unit, i - docs_per_shard), spill_bytes(texts))
+                texts = []
         if item.reason is not None:
             if on_error == "raise":
                 raise PrepError(item.message)
@@ -96,6 +144,8 @@ def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: i
             digests.append(zero)
             status.append(STATUS_CODE[item.reason])
             chars.append(0)
+            if texts is not None:
+                texts.append(None)
             continue
         text = normalize_text(item.text)
         digest = hashlib.sha256(text.encode("utf-8")).digest()
@@ -108,6 +158,10 @@ def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: i
         digests.append(digest[:DIGEST_BYTES] if code == OK else zero)
         status.append(code)
         chars.append(len(text))
+        if texts is not None:
+            texts.append(text if code == OK else None)
+    if texts:
+        out.write_bytes(spill_name(unit, len(status) - len(texts)), spill_bytes(texts))
     array = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
     return UnitScan(array.copy(), np.frombuffer(bytes(status), dtype=np.uint8).copy(),
                     np.asarray(chars, dtype=np.int64), resume, first_errors,

@@ -27,6 +27,7 @@ class Output:
         self.root = root.rstrip("/")
         # Workers may run in another folder: hand them an absolute path or a full URL.
         local = "file" in self.fs.protocol or "local" in self.fs.protocol
+        self.is_local = local
         self.url = self.root if local else self.fs.unstrip_protocol(self.root)
 
     def path(self, rel: str) -> str:
@@ -49,6 +50,10 @@ class Output:
     def remove(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.rm(self.path(rel))
+
+    def remove_tree(self, folder: str) -> None:
+        if self.exists(folder):
+            self.fs.rm(self.path(folder), recursive=True)
 
     def list(self, folder: str) -> list[str]:
         """Relative names of the files directly in ``folder`` (empty if it is absent)."""
@@ -114,26 +119,28 @@ DISK_DTYPES = {"uint16": np.dtype("<u2"), "int32": np.dtype("<i4")}
 TAR_BLOCK, TAR_RECORD = 512, 20 * 512
 
 
+# The header bytes that are the same for every member: mode 0644, uid/gid 0, mtime 0,
+# regular file, ustar magic; name, size and checksum are filled in per member.
+_USTAR_MODE_IDS = b"0000644\x00" + b"0000000\x00" * 2          # [100:124]
+_USTAR_MTIME = b"00000000000\x00"                               # [136:148]
+_USTAR_AFTER_SUM = b"0" + bytes(100) + b"ustar\x0000" + bytes(247)  # [156:512]
+# The checksum is the byte sum of the header with its own field as 8 spaces.
+_USTAR_FIXED_SUM = sum(_USTAR_MODE_IDS) + sum(_USTAR_MTIME) + sum(_USTAR_AFTER_SUM) + 8 * 32
+
+
 def ustar_header(name: str, size: int) -> bytes:
     """A POSIX ustar header with no clock and no owner: mode 0644, uid/gid 0, mtime 0.
 
     Built by hand because tarfile's generic header code costs more than the sample it
-    describes at our sample sizes; the layout is the standard one tarfile also reads."""
+    describes at our sample sizes; the layout is the standard one tarfile also reads.
+    Only the name and size are summed per member: the rest of the checksum is fixed."""
     raw = name.encode("utf-8")
     if len(raw) > 100:
         raise ValueError(f"tar member name longer than 100 bytes: {name}")
-    h = bytearray(TAR_BLOCK)
-    h[0:len(raw)] = raw
-    h[100:108] = b"0000644\x00"
-    h[108:116] = b"0000000\x00"
-    h[116:124] = b"0000000\x00"
-    h[124:136] = b"%011o\x00" % size
-    h[136:148] = b"00000000000\x00"
-    h[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
-    h[156:157] = b"0"  # regular file
-    h[257:265] = b"ustar\x0000"
-    h[148:155] = b"%06o\x00" % sum(h)
-    return bytes(h)
+    size_field = b"%011o\x00" % size
+    checksum = _USTAR_FIXED_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw, bytes(100 - len(raw)), _USTAR_MODE_IDS, size_field, _USTAR_MTIME,
+                     b"%06o\x00 " % checksum, _USTAR_AFTER_SUM))
 
 
 def _npy_header(dtype: np.dtype, length: int, cache: dict) -> bytes:

@@ -103,14 +103,22 @@ def test_sentence_starts_after_end_punctuation():
 
 def test_pieces_cut_at_the_latest_sentence_start_that_fits():
     # 3 sentences of 4, 5 and 6 tokens; tokens start every 2 characters.
-    token_starts = list(range(0, 30, 2))
+    token_offsets = [(c, c + 1) for c in range(0, 30, 2)]
     sentence_chars = [8, 18]  # tokens 4 and 9 begin sentences
-    ends = piece_bounds(token_starts, sentence_chars, max_len=10)
+    ends = piece_bounds(token_offsets, sentence_chars, max_len=10)
     assert ends == [9, 15]  # cut at the sentence start at token 9, not at 10
+    # a sentence start inside a token (offsets 17-19): the cut goes after that token
+    straddling = [(c, c + 1) for c in range(0, 16, 2)] + [(17, 20), (20, 21), (22, 23)]
+    assert piece_bounds(straddling, [18], max_len=9) == [9, 11]
+
+
+def test_piece_bounds_with_repeated_and_out_of_range_sentence_starts():
+    offsets = [(c, c + 1) for c in range(0, 40, 2)]  # 20 tokens
+    assert piece_bounds(offsets, [0, 6, 6, 12, 100], max_len=8) == [6, 14, 20]
 
 
 def test_a_sentence_longer_than_a_sequence_is_cut_where_it_must():
-    ends = piece_bounds(list(range(25)), [], max_len=10)
+    ends = piece_bounds([(c, c + 1) for c in range(25)], [], max_len=10)
     assert ends == [10, 20, 25]
     pieces = split_pieces(list(range(25)), ends)
     assert [len(p) for p in pieces] == [10, 10, 5]
@@ -118,5 +126,5 @@ def test_a_sentence_longer_than_a_sequence_is_cut_where_it_must():
 
 
 def test_short_document_is_one_piece():
-    assert piece_bounds(list(range(5)), [2], max_len=10) == [5]
+    assert piece_bounds([(c, c + 1) for c in range(5)], [2], max_len=10) == [5]
 

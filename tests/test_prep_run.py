@@ -359,3 +359,56 @@ def test_a_tiny_corpus_still_gets_one_validation_document(tmp_path, tokenizer_di
     assert manifest["splits"]["validation"]["samples"] == 1
     off = run_prep(prep_cfg(tmp_path / "o2", [f], validation_fraction=0.0), str(tokenizer_dir))
     assert off["documents"]["validation"] == 0
+
+
+def test_spilled_text_gives_the_same_shards_as_reading_the_sources(tmp_path, corpus,
+                                                                   tokenizer_dir, prepared):
+    """A local output spills pass 1's texts by default and removes them at the end; with
+    spill_text=false pass 2 reads the sources again: the same bytes either way."""
+    assert not (prepared[0] / ".prep" / "text").exists()
+    out = tmp_path / "no-spill"
+    manifest = run_prep(prep_cfg(out, [corpus[0]], spill_text=False), str(tokenizer_dir))
+    assert manifest["splits"] == prepared[1]["splits"]
+
+
+def test_pass_two_reads_the_spill_not_the_sources(tmp_path, corpus, tokenizer_dir, prepared,
+                                                  monkeypatch):
+    import data_prep.chunk as chunk_module
+
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("pass 2 read the source again")
+
+    monkeypatch.setattr(chunk_module, "read_unit", no_second_read)
+    manifest = run_prep(prep_cfg(tmp_path / "shards", [corpus[0]]), str(tokenizer_dir))
+    assert manifest["splits"] == prepared[1]["splits"]
+
+
+def test_a_missing_spill_file_falls_back_to_the_source(tmp_path, corpus, tokenizer_dir,
+                                                       prepared, monkeypatch, caplog):
+    import data_prep.chunk as chunk_module
+
+    monkeypatch.setattr(chunk_module, "spill_name", lambda unit, start: ".prep/text/gone.bin")
+    manifest = run_prep(prep_cfg(tmp_path / "shards", [corpus[0]]), str(tokenizer_dir))
+    assert manifest["splits"] == prepared[1]["splits"]
+    assert "gone.bin is missing; reading" in caplog.text
+    assert not (tmp_path / "shards" / ".prep" / "text").exists()
+
+
+def test_a_damaged_spill_file_is_a_clear_error(tmp_path, corpus, tokenizer_dir, monkeypatch):
+    import data_prep.scan as scan_module
+
+    real = scan_module.spill_bytes
+    monkeypatch.setattr(scan_module, "spill_bytes", lambda texts: real(texts)[:-7])
+    with pytest.raises(PrepError, match=r"\.prep/text/.*\.bin: damaged spill file.*rerun"):
+        run_prep(prep_cfg(tmp_path / "shards", [corpus[0]]), str(tokenizer_dir))
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_spill_format_round_trip():
+    from data_prep.scan import read_spill, spill_bytes
+
+    texts = ["plain", None, "", "naïve café 😀 东京", None, "x" * 1000]
+    assert read_spill(spill_bytes(texts)) == texts
+    assert read_spill(spill_bytes([])) == []
+    with pytest.raises(ValueError):
+        read_spill(spill_bytes(texts)[:-5])
