@@ -14,6 +14,7 @@ evaluation documents held out. Prints one JSON line. Not run in CI (tens of minu
 
     python bench/quality.py [--recipe demo] [--steps 400] [--seeds 0,1,2]
         [--tasks bbc_news,wiki_topic] [--max-train 0] [--min-steps 0] [--out runs/quality]
+        [--variant NAME --set-a KEY=VALUE ...]
 
 Fine-tuning results are kept under OUT/finetune and reused while the model's weights and
 the fine-tuning hyperparameters are unchanged.
@@ -60,6 +61,12 @@ def main() -> int:
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--set", dest="extra", action="append", default=[],
                     help="extra recipe overrides for the students, e.g. teacher.path=mpnet_base")
+    ap.add_argument("--set-a", dest="extra_a", action="append", default=[],
+                    help="recipe overrides for (a) only, e.g. train.lr=1e-4 (with --variant)")
+    ap.add_argument("--variant", default="",
+                    help="name of an (a) variant: it is trained into OUT/a-NAME and "
+                         "fine-tuned into OUT/finetune/a_distilled-NAME, while the teacher, "
+                         "(b) and (c) and their results are shared with the plain run")
     args = ap.parse_args()
 
     from distill_common.logs import setup_logging
@@ -79,7 +86,9 @@ def main() -> int:
 
     # (a) distilled: prep (holding out both tasks' evaluation text) + pretrain + export.
     t0 = time.perf_counter()
-    a_overrides = [f"output_dir={out}/a", f"prep.output_dir={shards}", *common]
+    suffix = f"-{args.variant}" if args.variant else ""
+    a_overrides = [f"output_dir={out}/a{suffix}", f"prep.output_dir={shards}", *common,
+                   *args.extra_a]
     distill_cli("run", args.recipe, *a_overrides, "--stages", "prep,pretrain,export",
                 "--cluster", args.cluster)
     timings["a_prep_pretrain_s"] = round(time.perf_counter() - t0, 1)
@@ -88,13 +97,15 @@ def main() -> int:
     from distill_common.assets import resolve_model_dir
     recipe_a = load_recipe(args.recipe, a_overrides)
 
-    # (b) teacher-layer init, no distillation: the student as pretraining would start it.
+    # (b) teacher-layer init, no distillation: the student as pretraining would start it
+    # (from the shared recipe: --set-a does not reach it).
     b_dir = out / "b" / "student"
     if not (b_dir / "config.json").is_file():
         from distill_pretrain.student import build_student
         from distill_pretrain.teacher import load_teacher
-        teacher = load_teacher(recipe_a.teacher)
-        student = build_student(recipe_a.student, teacher, seed=recipe_a.seed)
+        recipe_b = load_recipe(args.recipe, [f"output_dir={out}/b", *common])
+        teacher = load_teacher(recipe_b.teacher)
+        student = build_student(recipe_b.student, teacher, seed=recipe_b.seed)
         student.save_pretrained(b_dir)
         teacher.tokenizer.save_pretrained(b_dir)
 
@@ -124,7 +135,8 @@ def main() -> int:
     t0 = time.perf_counter()
     for task in tasks:  # task-major: a task's comparison is complete before the next
         for name, folder in models.items():
-            res = _finetuned(folder, task, out / "finetune" / name / task, ft_cfg, log)
+            where = out / "finetune" / (name + suffix if name == "a_distilled" else name)
+            res = _finetuned(folder, task, where / task, ft_cfg, log)
             results.setdefault(name, {})[task] = res
             log.info("%s on %s: %.4f +- %.4f", name, task, res["score"], res["score_std"] or 0)
     timings["finetune_s"] = round(time.perf_counter() - t0, 1)
@@ -135,7 +147,8 @@ def main() -> int:
     report = build_report(models, results, out / "report", "teacher",
                           ReportConfig(latency_repeats=10))
 
-    summary = {"bench": "quality", "recipe": args.recipe, "teacher": recipe_a.teacher.path,
+    summary = {"bench": "quality", "recipe": args.recipe, "variant": args.variant,
+               "a_overrides": args.extra_a, "teacher": recipe_a.teacher.path,
                "student": f"{recipe_a.student.num_layers} layers",
                "pretrain_steps": recipe_a.train.max_steps, "seeds": seeds,
                "finetune": {"max_train": args.max_train, "min_steps": args.min_steps},
