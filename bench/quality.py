@@ -13,7 +13,7 @@ evaluation documents held out. Prints one JSON line. Not run in CI (tens of minu
 2-core CPU).
 
     python bench/quality.py [--recipe demo] [--steps 400] [--seeds 0,1,2]
-        [--tasks bbc_news,wiki_topic] [--max-train 0] [--min-steps 0] [--out runs/quality]
+        [--tasks bbc_news,wiki_topic] [--max-train 0] [--min-steps 150] [--out runs/quality]
         [--variant NAME --set-a KEY=VALUE ...]
 
 Fine-tuning results are kept under OUT/finetune and reused while the model's weights and
@@ -54,9 +54,9 @@ def main() -> int:
     ap.add_argument("--tasks", default="bbc_news,wiki_topic")
     ap.add_argument("--max-train", type=int, default=0,
                     help="cap fine-tuning examples per task (0 = all)")
-    ap.add_argument("--min-steps", type=int, default=0,
+    ap.add_argument("--min-steps", type=int, default=150,
                     help="fine-tune for at least this many steps (more epochs on a capped "
-                         "training split)")
+                         "training split; 0 = each task's own epochs)")
     ap.add_argument("--cluster", default="local/2proc")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--set", dest="extra", action="append", default=[],
