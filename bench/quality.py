@@ -141,8 +141,10 @@ def main() -> int:
             log.info("%s on %s: %.4f +- %.4f", name, task, res["score"], res["score_std"] or 0)
     timings["finetune_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    probe = {task: {name: _probe(folder, task, ft_cfg, log) for name, folder in models.items()}
-             for task in tasks}
+    probe = {}
+    for task in tasks:
+        task_data = _probe_data(task, ft_cfg)  # read once, probed with every model
+        probe[task] = {name: _probe(folder, task_data, log) for name, folder in models.items()}
     timings["probe_s"] = round(time.perf_counter() - t0, 1)
     report = build_report(models, results, out / "report", "teacher",
                           ReportConfig(latency_repeats=10))
@@ -210,7 +212,20 @@ def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
     return res
 
 
-def _probe(model_dir: str, task_name: str, cfg, log) -> dict:
+def _probe_data(task_name: str, cfg):
+    """(task data with the training subset the fine-tuning used, its hyperparameters)."""
+    from finetune.data import load_task_data
+    from finetune.tasks import load_task
+    from finetune.train import _train_subset, resolve_hparams
+
+    task = load_task(task_name)
+    hp = resolve_hparams(task, cfg)
+    data = load_task_data(task)
+    _train_subset(data, hp, task)
+    return data, hp
+
+
+def _probe(model_dir: str, task_data, log) -> dict:
     """Frozen-feature probe: mean-pooled last hidden states of the training subset the
     fine-tuning used, standardised, multinomial logistic regression; C picked on the
     validation split; the task metric on test (validation when there is none)."""
@@ -219,16 +234,11 @@ def _probe(model_dir: str, task_name: str, cfg, log) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from finetune.data import load_task_data
     from finetune.loading import load_encoder, load_tokenizer
     from finetune.metrics import classification_metrics
-    from finetune.tasks import load_task
-    from finetune.train import _train_subset, resolve_hparams
 
-    task = load_task(task_name)
-    hp = resolve_hparams(task, cfg)
-    data = load_task_data(task)
-    _train_subset(data, hp, task)
+    data, hp = task_data
+    task = data.task
     tokenizer = load_tokenizer(Path(model_dir), task)
     encoder = load_encoder(Path(model_dir))
 
@@ -259,7 +269,7 @@ def _probe(model_dir: str, task_name: str, cfg, log) -> dict:
     held = data.test if data.test is not None else data.validation
     test = classification_metrics([ex.label for ex in held],
                                   clf.predict(scaler.transform(features(held))))[task.metric]
-    log.info("probe %s on %s: C=%g, validation %.4f, test %.4f", model_dir, task_name, c,
+    log.info("probe %s on %s: C=%g, validation %.4f, test %.4f", model_dir, task.name, c,
              val, test)
     return {"C": c, "validation": round(float(val), 4), "test": round(float(test), 4)}
 

@@ -200,8 +200,7 @@ def run_prep(cfg: PrepConfig, tokenizer_path: str, *, ray_address: Optional[str]
         ctx = ChunkContext(opts, tok, cfg.seq_len, cfg.min_tokens, cfg.sentence_split,
                            out.url, spill)
         results = _run_chunks(ex, chunks, ctx, out, cfg.progress_every_s)
-        if spill:
-            out.remove_tree(SPILL_DIR)  # what reused chunks did not need
+        out.remove_tree(SPILL_DIR)  # what reused chunks did not need, or a crashed run left
         chunk_seconds = time.perf_counter() - phase
         n_workers = ex.workers if ex.uses_ray else 0
     dropped = dropped_counts(scans)

@@ -203,7 +203,8 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
         test = evaluate(model, splits["test"], gold_of(task, data.test), task, data.labels,
                         hp, ctx.device, bf16, ctx, pad_id)
     record = {"seed": seed, "validation": best_val, "test": test, "best": best_at,
-              "epochs": epochs, "steps": step, "total_steps": total_steps, "stopped_early": stopped_early,
+              "epochs": epochs, "steps": step, "total_steps": total_steps,
+              "stopped_early": stopped_early,
               "train_seconds": round(train_seconds, 2), "history": history}
     return model, record
 

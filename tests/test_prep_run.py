@@ -367,8 +367,11 @@ def test_spilled_text_gives_the_same_shards_as_reading_the_sources(tmp_path, cor
     spill_text=false pass 2 reads the sources again: the same bytes either way."""
     assert not (prepared[0] / ".prep" / "text").exists()
     out = tmp_path / "no-spill"
+    (out / ".prep" / "text").mkdir(parents=True)
+    (out / ".prep" / "text" / "left-by-a-crashed-run.bin").write_bytes(b"old")
     manifest = run_prep(prep_cfg(out, [corpus[0]], spill_text=False), str(tokenizer_dir))
     assert manifest["splits"] == prepared[1]["splits"]
+    assert not (out / ".prep" / "text").exists()
 
 
 def test_pass_two_reads_the_spill_not_the_sources(tmp_path, corpus, tokenizer_dir, prepared,
