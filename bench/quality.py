@@ -6,7 +6,9 @@
 
 Each is fine-tuned on bbc_news and wiki_topic with several seeds (plus the teacher), and
 the report gives mean +- std, retention of the teacher's score and the (a)-(b), (a)-(c)
-margins. A frozen-feature probe (logistic regression on mean-pooled last hidden states,
+margins, each with a 95% interval from a paired bootstrap over the test examples and the
+seeds (finetune.compare): a margin whose interval holds zero is not shown by this test
+set. A frozen-feature probe (logistic regression on mean-pooled last hidden states,
 the same training examples, its C picked on validation) measures what each encoder
 carries before fine-tuning moves it. All share one set of shards with both tasks'
 evaluation documents held out. Prints one JSON line. Not run in CI (tens of minutes on a
@@ -14,10 +16,11 @@ evaluation documents held out. Prints one JSON line. Not run in CI (tens of minu
 
     python bench/quality.py [--recipe demo] [--steps 400] [--seeds 0,1,2]
         [--tasks bbc_news,wiki_topic] [--max-train 0] [--min-steps 150] [--out runs/quality]
+        [--task-set bbc_news:split.test=0.4] [--draws 2000]
         [--variant NAME --set-a KEY=VALUE ...]
 
-Fine-tuning results are kept under OUT/finetune and reused while the model's weights and
-the fine-tuning hyperparameters are unchanged.
+Fine-tuning results are kept under OUT/finetune and reused while the model's weights, the
+fine-tuning hyperparameters and the task recipe are unchanged.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ def main() -> int:
                     help="extra recipe overrides for the students, e.g. teacher.path=mpnet_base")
     ap.add_argument("--set-a", dest="extra_a", action="append", default=[],
                     help="recipe overrides for (a) only, e.g. train.lr=1e-4 (with --variant)")
+    ap.add_argument("--task-set", dest="task_set", action="append", default=[],
+                    help="override a task's recipe for this benchmark, TASK:KEY=VALUE, e.g. "
+                         "bbc_news:split.test=0.4 (a bigger test split: held out of the "
+                         "shards too); written to OUT/tasks/TASK.yaml")
+    ap.add_argument("--draws", type=int, default=2000,
+                    help="bootstrap draws for the paired (a)-(b) and (a)-(c) intervals")
     ap.add_argument("--variant", default="",
                     help="name of an (a) variant: it is trained into OUT/a-NAME and "
                          "fine-tuned into OUT/finetune/a_distilled-NAME, while the teacher, "
@@ -76,7 +85,8 @@ def main() -> int:
     out = (ROOT / args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks = [t for t in args.tasks.split(",") if t]
-    task_list = "[" + ",".join(tasks) + "]"
+    task_files = _task_files(tasks, args.task_set, out / "tasks")
+    task_list = "[" + ",".join(task_files[t] for t in tasks) + "]"
     seed_list = "[" + ",".join(map(str, seeds)) + "]"
     common = [f"finetune.tasks={task_list}", f"finetune.seeds={seed_list}", *args.extra]
     if args.steps:
@@ -124,11 +134,13 @@ def main() -> int:
 
     # Fine-tune everything on every task with every seed.
     from finetune import build_report
+    from finetune.compare import compare_results
     from finetune.config import FinetuneConfig, ReportConfig
     models = {"teacher": str(resolve_model_dir(recipe_a.teacher.path)),
               "a_distilled": recipe_a.train.export_dir, "b_teacher_layers": str(b_dir),
               "c_mlm_only": str(out / "c" / "student")}
-    ft_cfg = FinetuneConfig(tasks=tasks, seeds=seeds, save_model="none",
+    ft_cfg = FinetuneConfig(tasks=[task_files[t] for t in tasks], seeds=seeds,
+                            save_model="none",
                             max_train_examples=args.max_train or None,
                             min_steps=args.min_steps or None)
     results: dict = {}
@@ -136,14 +148,14 @@ def main() -> int:
     for task in tasks:  # task-major: a task's comparison is complete before the next
         for name, folder in models.items():
             where = out / "finetune" / (name + suffix if name == "a_distilled" else name)
-            res = _finetuned(folder, task, where / task, ft_cfg, log)
+            res = _finetuned(folder, task_files[task], where / task, ft_cfg, log)
             results.setdefault(name, {})[task] = res
             log.info("%s on %s: %.4f +- %.4f", name, task, res["score"], res["score_std"] or 0)
     timings["finetune_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     probe = {}
     for task in tasks:
-        task_data = _probe_data(task, ft_cfg)  # read once, probed with every model
+        task_data = _probe_data(task_files[task], ft_cfg)  # read once, probed by every model
         probe[task] = {name: _probe(folder, task_data, log) for name, folder in models.items()}
     timings["probe_s"] = round(time.perf_counter() - t0, 1)
     report = build_report(models, results, out / "report", "teacher",
@@ -167,12 +179,21 @@ def main() -> int:
             row[name]["retention_pct"] = round(100 * row[name]["mean"] / teacher_score, 2)
         row["a_minus_b"] = round(row["a_distilled"]["mean"] - row["b_teacher_layers"]["mean"], 4)
         row["a_minus_c"] = round(row["a_distilled"]["mean"] - row["c_mlm_only"]["mean"], 4)
+        # Paired bootstrap over test examples and seeds: is the margin more than noise?
+        for other, key in (("b_teacher_layers", "a_vs_b"), ("c_mlm_only", "a_vs_c")):
+            row[key] = compare_results(results["a_distilled"][task], results[other][task],
+                                       draws=args.draws)
+        row["test_examples"] = results["teacher"][task]["sizes"].get("test")
         row["probe"] = probe[task]
         row["probe_a_minus_b"] = round(probe[task]["a_distilled"]["test"]
                                        - probe[task]["b_teacher_layers"]["test"], 4)
         summary["tasks"][task] = row
     summary["distilled_beats_both"] = all(
         r["a_minus_b"] > 0 and r["a_minus_c"] > 0 for r in summary["tasks"].values())
+    summary["distilled_beats_both_ci95"] = {  # the whole 95% interval above zero
+        task: r["a_vs_b"]["ci95"][0] > 0 and r["a_vs_c"]["ci95"][0] > 0
+        for task, r in summary["tasks"].items()}
+    summary["task_set"] = args.task_set
     from finetune.latency import latency_at
     summary["cpu_latency_ms_b1"] = {n: latency_at(row, "cpu", 1)
                                     for n, row in report["models"].items()}
@@ -183,13 +204,51 @@ def main() -> int:
     return 0
 
 
-def _fingerprint(model_dir: str, hparams: dict) -> dict:
-    """What a kept fine-tuning result depends on: the weights (size and mtime of each
-    weights file) and the hyperparameters."""
-    weights = sorted(p for p in Path(model_dir).iterdir()
-                     if p.suffix in (".safetensors", ".bin"))
-    return {"model_dir": str(model_dir), "hparams": hparams,
-            "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]}
+def _task_files(tasks: list[str], task_set: list[str], folder: Path) -> dict[str, str]:
+    """Each task's recipe: its name (a built-in) or path, or, when --task-set changes it,
+    OUT/tasks/TASK.yaml with the changes applied (written atomically)."""
+    from distill_common.config import to_yaml
+    from distill_common.fsio import atomic_write_text
+    from finetune.tasks import load_task, resolve_task_path
+
+    changes: dict[str, list[str]] = {}
+    for item in task_set:
+        task, sep, kv = item.partition(":")
+        if not sep or "=" not in kv or task not in tasks:
+            raise SystemExit(f"--task-set {item!r}: give TASK:KEY=VALUE with TASK one of "
+                             f"--tasks ({', '.join(tasks)}), e.g. bbc_news:split.test=0.4")
+        changes.setdefault(task, []).append(kv)
+    files = {}
+    for task in tasks:
+        if task not in changes:
+            files[task] = task
+            continue
+        cfg = load_task(task, changes[task])  # validated like any task recipe
+        if cfg.base_dir is None:
+            cfg.base_dir = str(resolve_task_path(task).resolve().parent)
+        path = folder / f"{cfg.name}.yaml"
+        atomic_write_text(path, f"# {task} with {', '.join(changes[task])} "
+                                f"(bench/quality.py --task-set)\n" + to_yaml(cfg))
+        files[task] = str(path)
+    return files
+
+
+def _fingerprint(model_dir: str, hparams: dict, task: dict) -> dict:
+    """What a kept fine-tuning result depends on: the weights (a SHA-256 of each weights
+    file, so a copied or rebuilt-identical folder still matches), the hyperparameters
+    and the task recipe (its split decides the test examples)."""
+    import hashlib
+
+    weights = []
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.suffix in (".safetensors", ".bin"):
+            digest = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            weights.append([p.name, digest.hexdigest()])
+    task = {k: v for k, v in task.items() if k != "base_dir"}
+    return {"hparams": hparams, "task": task, "weights": weights}
 
 
 def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
@@ -201,8 +260,9 @@ def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
     from finetune.tasks import load_task
     from finetune.train import resolve_hparams
 
-    hparams = dataclasses.asdict(resolve_hparams(load_task(task), cfg))
-    want = _fingerprint(model_dir, hparams)
+    task_cfg = load_task(task)
+    hparams = dataclasses.asdict(resolve_hparams(task_cfg, cfg))
+    want = _fingerprint(model_dir, hparams, dataclasses.asdict(task_cfg))
     done, stamp = out / "results.json", out / "fingerprint.json"
     if done.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         log.info("%s on %s: kept from %s", model_dir, task, done)

@@ -1,4 +1,5 @@
-"""`distill finetune MODEL_DIR TASK [k=v...]`, `distill report ...`, `distill tasks ...`.
+"""`distill finetune MODEL_DIR TASK [k=v...]`, `distill report ...`, `distill compare A B`,
+`distill tasks ...`.
 
 Overrides: `task.<key>=...` edits the task recipe (e.g. `task.split.seed=1`); any other
 key is a fine-tuning setting (`epochs=2 seeds=[0,1,2] batch_size=16`, see
@@ -44,6 +45,18 @@ def register(sub, add_recipe_args) -> None:
     rp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="report settings (latency_repeats=20 threads=2) or finetune.<key>=")
     rp.set_defaults(func=_report)
+
+    cp = sub.add_parser(
+        "compare", help="is model A better than model B on a task, or is the gap noise?",
+        description="Paired bootstrap over the test examples and the seeds of two "
+                    "fine-tuning results of the same task (results.json files written by "
+                    "`distill finetune`): the gap A - B, its 95%% interval and the share of "
+                    "draws with A ahead.")
+    cp.add_argument("a", metavar="A", help="results.json of model A (or its folder)")
+    cp.add_argument("b", metavar="B", help="results.json of model B (or its folder)")
+    cp.add_argument("--draws", type=int, default=2000, help="bootstrap draws (default 2000)")
+    cp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    cp.set_defaults(func=_compare)
 
     tk = sub.add_parser("tasks", help="list task recipes; write held-out text hashes")
     tsub = tk.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
@@ -95,6 +108,30 @@ def _find_results(paths: list[str]) -> list[dict]:
             if "task" in data and "score" in data and "model_dir" in data:
                 found.append(data)
     return found
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from finetune.compare import compare_results
+    from finetune.tasks import TaskError
+
+    loaded = []
+    for spec in (args.a, args.b):
+        p = Path(spec)
+        f = p / "results.json" if p.is_dir() else p
+        if not f.is_file():
+            raise TaskError(f"{spec}: no results.json there; give the file `distill "
+                            f"finetune` wrote (OUT/results.json) or its folder")
+        try:
+            loaded.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as err:
+            raise TaskError(f"{f}: not valid JSON ({err})") from None
+    try:
+        res = compare_results(*loaded, draws=args.draws, seed=args.seed)
+    except ValueError as err:
+        raise TaskError(f"compare {args.a} {args.b}: {err}") from None
+    print(json.dumps({"task": loaded[0]["task"], "a": loaded[0].get("model_dir"),
+                      "b": loaded[1].get("model_dir"), **res}))
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

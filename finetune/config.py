@@ -140,8 +140,13 @@ class ReportConfig:
     """auto: also time on a CUDA GPU when there is one (bf16); off: CPU only."""
     plots: bool = True
     """Write score-vs-size and score-vs-latency PNGs."""
+    bootstrap_draws: int = 2000
+    """Draws of the paired bootstrap behind each student's gap to the teacher and its 95%
+    interval (from the predictions results.json keeps); 0 leaves the interval out."""
 
     def __post_init__(self):
+        check(self.bootstrap_draws >= 0, "bootstrap_draws",
+              f"must be >= 0 (0: no interval), got {self.bootstrap_draws}")
         check(len(self.latency_batch_sizes) > 0 and all(b > 0 for b in self.latency_batch_sizes),
               "latency_batch_sizes", f"must be positive sizes, got {self.latency_batch_sizes}")
         check(self.latency_seq_len >= 2, "latency_seq_len",

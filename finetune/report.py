@@ -37,6 +37,24 @@ def _task_entry(result: Mapping) -> dict:
             "mean": result.get("mean", {}), "saved_model": result.get("saved_model")}
 
 
+def _gap_to_teacher(student: Optional[Mapping], teacher: Optional[Mapping],
+                    draws: int) -> Optional[dict]:
+    """Student - teacher score with a 95% interval (paired bootstrap over the test
+    examples and the seeds, finetune.compare), when both results kept their predictions
+    on the same examples; None otherwise (results from an older version, or another
+    split)."""
+    from finetune.compare import compare_results
+
+    if not student or not teacher or draws < 1:
+        return None
+    try:
+        return compare_results(student, teacher, draws=draws)
+    except (ValueError, KeyError) as err:
+        log.info("report: no interval for %s vs the teacher on %s: %s",
+                 student.get("model_dir"), student.get("task"), err)
+        return None
+
+
 def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mapping[str, Mapping]],
                  out_dir: "str | Path", teacher: str, cfg: Optional[ReportConfig] = None) -> dict:
     """Compare ``models`` (name -> HF folder or model asset name) on the tasks in ``results`` (model name ->
@@ -83,6 +101,10 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
             ref = base["tasks"].get(task)
             entry["retention_pct"] = round(100 * entry["score"] / ref["score"], 2) \
                 if ref and ref["score"] else None
+            if name != teacher:
+                entry["vs_teacher"] = _gap_to_teacher(results.get(name, {}).get(task),
+                                                      results.get(teacher, {}).get(task),
+                                                      cfg.bootstrap_draws)
     report = {"format_version": FORMAT_VERSION, "teacher": teacher, "tasks": tasks,
               "latency": {"batch_sizes": cfg.latency_batch_sizes, "seq_len": cfg.latency_seq_len,
                           "warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats,
@@ -152,6 +174,20 @@ def to_markdown(report: dict) -> str:
                 e = row["tasks"].get(t)
                 cells.append(_fmt(e and e.get("retention_pct"), ".1f", "%"))
             lines.append("| " + " | ".join(cells) + " |")
+        gaps = [(name, t, row["tasks"][t]["vs_teacher"]) for name, row in report["models"].items()
+                for t in report["tasks"]
+                if t in row["tasks"] and row["tasks"][t].get("vs_teacher")]
+        if gaps:
+            lines += ["", "Gap to the teacher, in points, with a 95% interval (paired "
+                      "bootstrap over the test examples and the seeds): an interval that "
+                      "holds 0 means this test set cannot tell the two apart.", "",
+                      "| model | task | gap | 95% interval | draws with the student ahead |",
+                      "|---|---|---|---|---|"]
+            for name, t, g in gaps:
+                low, high = g["ci95"]
+                lines.append(f"| {name} | {t} | {100 * g['diff']:+.2f} | "
+                             f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
+                             f"{100 * g['p_a_ahead']:.0f}% |")
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"

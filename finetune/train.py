@@ -198,14 +198,20 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
     train_seconds = time.perf_counter() - started
     model.load_state_dict(best_state)
     best_val = next(h["validation"] for h in history if h["step"] == best_at["step"])
+    # The best model's predictions on the split the score is reported on, kept so that two
+    # models can be compared example by example (finetune.compare).
+    held, held_split = (data.test, "test") if data.test is not None \
+        else (data.validation, "validation")
+    predictions = predict(model, splits[held_split], task, data.labels, hp.eval_batch_size,
+                          ctx.device, bf16, ctx, pad_id)
     test = None
     if data.test is not None:
-        test = evaluate(model, splits["test"], gold_of(task, data.test), task, data.labels,
-                        hp, ctx.device, bf16, ctx, pad_id)
+        test = task_metrics(task.type, gold_of(task, data.test), predictions)
     record = {"seed": seed, "validation": best_val, "test": test, "best": best_at,
               "epochs": epochs, "steps": step, "total_steps": total_steps,
               "stopped_early": stopped_early,
-              "train_seconds": round(train_seconds, 2), "history": history}
+              "train_seconds": round(train_seconds, 2), "history": history,
+              "predictions": predictions}
     return model, record
 
 
@@ -244,7 +250,8 @@ def run_task(model_dir: "str | Path", task: "str | Path | TaskConfig", out_dir: 
     (and the model folder ``out_dir/model`` by default); return the results dict:
     ``score``/``score_std`` (mean/std of the task metric over seeds on test, or
     validation when there is no test split), ``mean``/``std`` of every metric, ``seeds``
-    (per-seed records), ``saved_model`` (folder or None)."""
+    (per-seed records, each with its ``predictions`` on that split), ``gold`` (the labels
+    of that split, in the same order), ``saved_model`` (folder or None)."""
     from distill_common.assets import resolve_model_dir
 
     cfg = cfg or FinetuneConfig()
@@ -298,6 +305,7 @@ def run_task(model_dir: "str | Path", task: "str | Path | TaskConfig", out_dir: 
             "model_dir": str(model_dir.resolve()), "score_split": score_split,
             "score": mean[task.metric], "score_std": std[task.metric],
             "mean": mean, "std": std, "labels": data.labels, "sizes": data.sizes(),
+            "gold": gold_of(task, data.test if score_split == "test" else data.validation),
             "notes": data.notes, "hparams": dataclasses.asdict(hp),
             "precision": "bf16" if bf16 else "fp32", "device": str(ctx.device),
             "world_size": ctx.world_size, "seeds": records,

@@ -166,6 +166,10 @@ split: {validation: 0.15, test: 0.15, seed: 3}
     names = [model.config.id2label[i] for i in pred]
     acc = sum(n == ex.label for n, ex in zip(names, test)) / len(test)
     assert acc == pytest.approx(res["seeds"][0]["test"]["accuracy"])
+    # results.json keeps the test labels and each seed's predictions, in test order: the
+    # same ones the reloaded folder makes.
+    assert on_disk["gold"] == [ex.label for ex in test]
+    assert on_disk["seeds"][0]["predictions"] == names
 
 
 def test_pair_classification_from_tsv(tmp_path, tiny_encoder_dir):
@@ -256,6 +260,16 @@ columns: {text: sentence, label: topic}
     assert (tmp_path / "out" / "seed-1" / "model" / "config.json").is_file()
     assert (tmp_path / "out" / "seed-2" / "model" / "config.json").is_file()
     assert res["seeds"][0]["steps"] == 2 * -(-int(res["sizes"]["train"]) // 16)
+
+    # Two seeds' kept predictions compare against themselves as a tie, and the paired
+    # bootstrap reproduces the scores' difference.
+    from finetune.compare import compare_results
+
+    same = compare_results(res, res, draws=50)
+    assert same["diff"] == 0 and same["examples"] == res["sizes"]["test"]
+    one_seed = {**res, "seeds": res["seeds"][:1]}
+    vs = compare_results(res, one_seed, draws=50)
+    assert vs["diff"] == pytest.approx(res["score"] - scores[0], abs=1e-4)
 
 
 def _topics_task(tmp_path):

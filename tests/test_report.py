@@ -35,10 +35,22 @@ def pair_of_models(tmp_path_factory) -> dict[str, Path]:
             "student": save_bert(root / "student", 1, 64)}
 
 
-def fake_result(model_dir: Path, task: str, score: float, std: float = 0.01) -> dict:
-    return {"task": task, "metric": "accuracy", "model_dir": str(model_dir), "score": score,
-            "score_std": std, "score_split": "test", "mean": {"accuracy": score},
-            "seeds": [{"seed": 0}, {"seed": 1}], "saved_model": None}
+def fake_result(model_dir: Path, task: str, score: float, std: float = 0.01,
+                predictions: bool = True) -> dict:
+    """A run_task-like result on 100 test examples: both seeds get the first
+    round(100 * score) right (when ``predictions``; otherwise an older results.json)."""
+    gold = ["x", "y"] * 50
+    right = round(100 * score)
+    preds = gold[:right] + [{"x": "y", "y": "x"}[g] for g in gold[right:]]
+    res = {"task": task, "type": "classification", "metric": "accuracy",
+           "model_dir": str(model_dir), "score": score, "score_std": std,
+           "score_split": "test", "mean": {"accuracy": score},
+           "seeds": [{"seed": 0}, {"seed": 1}], "saved_model": None}
+    if predictions:
+        res["gold"] = gold
+        for rec in res["seeds"]:
+            rec["predictions"] = preds
+    return res
 
 
 FAST = dict(latency_batch_sizes=[1, 4], latency_seq_len=16, latency_warmup=1,
@@ -68,15 +80,43 @@ def test_build_report_fields_retention_speedup_and_plots(tmp_path, pair_of_model
     assert t["speedup"]["cpu_b1"] == pytest.approx(1.0)
     assert s["tasks"]["topics"]["retention_pct"] == pytest.approx(90.0)
     assert t["tasks"]["topics"]["retention_pct"] == pytest.approx(100.0)
+    # The student gets 9 of the teacher's right examples wrong: a gap of -9 points whose
+    # paired interval is below zero; the teacher has no gap to itself.
+    gap = s["tasks"]["topics"]["vs_teacher"]
+    assert gap["diff"] == pytest.approx(-0.09) and gap["ci95"][1] < 0
+    assert gap["p_a_ahead"] == 0.0 and "vs_teacher" not in t["tasks"]["topics"]
 
     out = tmp_path / "rep"
     assert json.loads((out / "report.json").read_text())["teacher"] == "teacher"
     md = (out / "report.md").read_text()
     assert "| student |" in md and "90.0%" in md and "81.00 ± 1.00 (n=2)" in md
+    assert "Gap to the teacher" in md and "| student | topics | -9.00 | [-" in md
     for png in ("score_vs_size.png", "score_vs_latency.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({png})" in md
+
+
+def test_report_gap_needs_kept_predictions(tmp_path, pair_of_models):
+    """Results without predictions (an older results.json) or with bootstrap_draws=0 get
+    no interval, and the report still builds."""
+    from finetune.config import ReportConfig
+    from finetune.report import build_report
+
+    old = {"teacher": {"t": fake_result(pair_of_models["teacher"], "t", 0.9)},
+           "student": {"t": fake_result(pair_of_models["student"], "t", 0.8,
+                                        predictions=False)}}
+    fast = {**FAST, "plots": False}
+    report = build_report(pair_of_models, old, tmp_path / "a", "teacher", ReportConfig(**fast))
+    assert report["models"]["student"]["tasks"]["t"]["vs_teacher"] is None
+    assert "Gap to the teacher" not in (tmp_path / "a" / "report.md").read_text()
+    new = {"teacher": old["teacher"],
+           "student": {"t": fake_result(pair_of_models["student"], "t", 0.8)}}
+    report = build_report(pair_of_models, new, tmp_path / "b", "teacher",
+                          ReportConfig(**fast, bootstrap_draws=0))
+    assert report["models"]["student"]["tasks"]["t"]["vs_teacher"] is None
+    with pytest.raises(Exception, match="bootstrap_draws"):
+        ReportConfig(bootstrap_draws=-1)
 
 
 def test_report_without_scores_and_bad_teacher(tmp_path, pair_of_models):
