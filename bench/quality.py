@@ -252,7 +252,8 @@ def _fingerprint(model_dir: str, hparams: dict, task: dict) -> dict:
 
 
 def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
-    """run_task, or its kept result when the weights and hyperparameters are the same."""
+    """run_task, or its kept result when the weights, hyperparameters and task recipe are
+    the same (``_fingerprint``)."""
     import dataclasses
 
     from distill_common.fsio import atomic_write_text

@@ -85,28 +85,32 @@ def paired_bootstrap(task_type: str, metric: str, gold: Sequence,
     if fast is not None:  # integer codes and a confusion matrix per draw, not sklearn
         codes = {label: k for k, label in enumerate(sorted(
             {*gold, *(x for run in (*preds_a, *preds_b) for x in run)}, key=str))}
-        gold_ids = np.array([codes[g] for g in gold])
-        runs = {id(run): np.array([codes[x] for x in run]) for run in (*preds_a, *preds_b)}
+        gold, k = np.array([codes[g] for g in gold]), len(codes)
+        preds_a, preds_b = ([np.array([codes[x] for x in run]) for run in runs]
+                            for runs in (preds_a, preds_b))
 
         def score(preds, idx) -> float:
-            idx = np.asarray(idx)
-            return fast(gold_ids[idx], runs[id(preds)][idx], len(codes))
+            return fast(gold[idx], preds[idx], k)
     else:
         def score(preds, idx) -> float:
             return task_metrics(task_type, [gold[i] for i in idx],
                                 [preds[i] for i in idx])[metric]
 
-    everything = range(n)
-    observed = (float(np.mean([score(p, everything) for p in preds_a]))
-                - float(np.mean([score(p, everything) for p in preds_b])))
+    def per_seed(runs, idx) -> np.ndarray:
+        return np.array([score(run, idx) for run in runs])
+
+    everything = np.arange(n)
+    observed = float(per_seed(preds_a, everything).mean()
+                     - per_seed(preds_b, everything).mean())
     rng = np.random.default_rng(seed)
     diffs = np.empty(draws)
     for d in range(draws):
         idx = rng.integers(0, n, n)
         seeds_a = rng.integers(0, len(preds_a), len(preds_a))
         seeds_b = rng.integers(0, len(preds_b), len(preds_b))
-        diffs[d] = (np.mean([score(preds_a[s], idx) for s in seeds_a])
-                    - np.mean([score(preds_b[s], idx) for s in seeds_b]))
+        # each seed scored once on this draw's examples, then the seeds resampled
+        diffs[d] = (per_seed(preds_a, idx)[seeds_a].mean()
+                    - per_seed(preds_b, idx)[seeds_b].mean())
     low, high = np.percentile(diffs, [2.5, 97.5])
     ahead = float(np.mean(diffs > 0) + 0.5 * np.mean(diffs == 0))
     return {"metric": metric, "diff": round(observed, 4),

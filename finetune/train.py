@@ -84,9 +84,10 @@ def predict(model, split: EncodedSplit, task: TaskConfig, labels, batch_size: in
 
 
 def evaluate(model, split: EncodedSplit, gold: list, task: TaskConfig, labels, hp: HParams,
-             device, bf16, ctx, pad_id) -> dict[str, float]:
+             device, bf16, ctx, pad_id) -> tuple[dict[str, float], list]:
+    """(the task metrics, the predictions they were computed from)"""
     preds = predict(model, split, task, labels, hp.eval_batch_size, device, bf16, ctx, pad_id)
-    return task_metrics(task.type, gold, preds)
+    return task_metrics(task.type, gold, preds), preds
 
 
 def gold_of(task: TaskConfig, examples) -> list:
@@ -152,6 +153,7 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
     eval_at = _eval_points(steps_per_epoch, hp.evals_per_epoch)
     gold_val = gold_of(task, data.validation)
     best_score, best_state, best_at, bad_evals = -math.inf, None, None, 0
+    best_val_preds = None
     history, step, stopped_early = [], 0, False
     progress = Progress(f"finetune {task.name} seed {seed}", total=total_steps, unit="steps")
     started = time.perf_counter()
@@ -173,8 +175,8 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
             progress.update(1, examples=len(batch["input_ids"]) * ctx.world_size)
             if in_epoch not in eval_at:
                 continue
-            metrics = evaluate(model, splits["validation"], gold_val, task, data.labels, hp,
-                               ctx.device, bf16, ctx, pad_id)
+            metrics, val_preds = evaluate(model, splits["validation"], gold_val, task,
+                                          data.labels, hp, ctx.device, bf16, ctx, pad_id)
             score = metrics[task.metric]
             history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(),
                             "validation": metrics})
@@ -183,6 +185,7 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
                      score)
             if best_state is None or score > best_score:
                 best_score, best_at, bad_evals = score, {"epoch": epoch + 1, "step": step}, 0
+                best_val_preds = val_preds
                 best_state = {k: v.detach().to("cpu", copy=True)
                               for k, v in model.state_dict().items()}
             else:
@@ -200,13 +203,10 @@ def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: di
     best_val = next(h["validation"] for h in history if h["step"] == best_at["step"])
     # The best model's predictions on the split the score is reported on, kept so that two
     # models can be compared example by example (finetune.compare).
-    held, held_split = (data.test, "test") if data.test is not None \
-        else (data.validation, "validation")
-    predictions = predict(model, splits[held_split], task, data.labels, hp.eval_batch_size,
-                          ctx.device, bf16, ctx, pad_id)
-    test = None
+    test, predictions = None, best_val_preds
     if data.test is not None:
-        test = task_metrics(task.type, gold_of(task, data.test), predictions)
+        test, predictions = evaluate(model, splits["test"], gold_of(task, data.test), task,
+                                     data.labels, hp, ctx.device, bf16, ctx, pad_id)
     record = {"seed": seed, "validation": best_val, "test": test, "best": best_at,
               "epochs": epochs, "steps": step, "total_steps": total_steps,
               "stopped_early": stopped_early,

@@ -296,6 +296,22 @@ def test_early_stopping_stops(tmp_path, tiny_encoder_dir):
     assert res["saved_model"] is None and not (tmp_path / "out" / "model").exists()
 
 
+def test_without_a_test_split_the_best_validation_predictions_are_kept(tmp_path,
+                                                                       tiny_encoder_dir):
+    """No test split: the score is on validation, and the kept predictions are those of
+    the best evaluation (no extra pass), so they reproduce its score."""
+    from finetune import run_task
+
+    res = run_task(tiny_encoder_dir, _topics_task(tmp_path), tmp_path / "out",
+                   finetune_cfg("epochs=2", "evals_per_epoch=2", "save_model=none"),
+                   task_overrides=["split.test=0"])
+    assert res["score_split"] == "validation" and len(res["gold"]) == res["sizes"]["validation"]
+    seed = res["seeds"][0]
+    right = sum(g == p for g, p in zip(res["gold"], seed["predictions"]))
+    assert right / len(res["gold"]) == pytest.approx(seed["validation"]["accuracy"])
+    assert seed["test"] is None
+
+
 def test_min_steps_raises_epochs_on_a_small_subset(tmp_path, tiny_encoder_dir):
     """max_train_examples=20 at batch 8 is 3 steps an epoch: min_steps=10 makes it 4
     epochs (12 steps) instead of 1; a larger split keeps its epochs."""
