@@ -125,8 +125,11 @@ def write_shards(out: Path, tokenizer, samples_needed: int, seq_len: int) -> Pat
 
 def bare_loop(recipe, shards: Path, steps: int, warmup: int) -> list[float]:
     """samples/s of the same computation without the trainer around it, per timed step."""
-    from distill_pretrain import data as D
-    from distill_pretrain.objective import DistillModule, build_objective
+    from distill_common import manifest as M
+    from distill_pretrain.distill_module import DistillModule
+    from distill_pretrain.masking import build_masker
+    from distill_pretrain.objective import build_objective
+    from distill_pretrain.stream import validation_batches
     from distill_pretrain.student import build_student
     from distill_pretrain.teacher import load_teacher
 
@@ -136,11 +139,11 @@ def bare_loop(recipe, shards: Path, steps: int, warmup: int) -> list[float]:
     objective = build_objective(recipe.objective, teacher, student.config)
     module = DistillModule(student, objective).train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=0.01)
-    manifest = D.load_manifest(str(shards))
-    masker = D.build_masker(teacher.tokenizer, manifest)
-    batches = D.validation_batches(D.shard_urls(str(shards), manifest, "train"),
-                                   seq_len=manifest["seq_len"], batch_size=cfg.micro_batch_size,
-                                   masker=masker, seed=0, max_samples=8 * cfg.micro_batch_size)
+    manifest = M.load_manifest(str(shards))
+    masker = build_masker(teacher.tokenizer, manifest)
+    batches = validation_batches(M.shard_urls(str(shards), manifest, "train"),
+                                 seq_len=manifest["seq_len"], batch_size=cfg.micro_batch_size,
+                                 masker=masker, seed=0, max_samples=8 * cfg.micro_batch_size)
     rates = []
     for step in range(warmup + steps):
         start = time.perf_counter()
@@ -158,12 +161,10 @@ def bare_loop(recipe, shards: Path, steps: int, warmup: int) -> list[float]:
 
 
 def trainer_rate(recipe) -> float:
-    from distill_pretrain.distributed import shutdown
-    from distill_pretrain.metrics import read_metrics
-    from distill_pretrain.train import pretrain
+    from distill_common.tracking import read_metrics
+    from distill_pretrain.train import run_pretrain
 
-    pretrain(recipe)
-    shutdown()
+    run_pretrain(recipe.pretrain_job())
     records = read_metrics(Path(recipe.train.output_dir) / "metrics.jsonl")
     rates = [r["throughput/samples_per_s"] for r in records
              if "throughput/samples_per_s" in r and r["step"] > recipe.train.log_every]
@@ -180,7 +181,7 @@ def main() -> None:
 
     from distill_common.assets import require
     from distill_common.logs import setup_logging
-    from distill_cli.recipe import load_recipe
+    from launcher.recipe import load_recipe
 
     setup_logging()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from distill_common.errors import DistillUserError
 
-class PrepError(RuntimeError):
+
+class PrepError(DistillUserError, RuntimeError):
     """Bad input or config for prep; printed as `error: ...` without a traceback."""
-
-    def __reduce__(self):  # keep the plain message when Ray sends it back to the driver
-        return (type(self), (str(self),))

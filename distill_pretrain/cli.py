@@ -21,16 +21,12 @@ def register(sub, add_recipe_args) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     import warnings
 
-    recipe = args.load_recipe()
-    from distill_pretrain.distributed import shutdown
-    from distill_pretrain.train import pretrain
+    job = args.load_recipe().pretrain_job()
+    from distill_pretrain.train import run_pretrain
 
     # torch.distributed's deprecation notices, raised from inside DeepSpeed, once per call.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    try:
-        result = pretrain(recipe)
-    finally:
-        shutdown()
+    result = run_pretrain(job)
     if result.stopped:  # SIGTERM: checkpoint saved; 143 = 128 + SIGTERM, as if killed
         return 143
     if result.rank != 0:

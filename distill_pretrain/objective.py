@@ -1,11 +1,11 @@
-"""Composing the losses of a recipe into one objective, and the module DeepSpeed wraps.
+"""Composing the losses of a recipe into one objective (and checking that it fits).
 
 Use (the trainer):
 
     teacher = load_teacher(recipe.teacher, dtype=...)
     student = build_student(recipe.student, teacher, seed)
     objective = build_objective(recipe.objective, teacher, student.config)
-    module = DistillModule(student, objective)        # -> deepspeed.initialize(model=module)
+    module = DistillModule(student, objective)        # distill_module.py, for DeepSpeed
     teacher_out = objective.teacher_forward(teacher, input_ids, attention_mask, labels)
     out = engine(input_ids, attention_mask, labels, teacher_out)   # ObjectiveOutput
     engine.backward(out.total)
@@ -19,128 +19,21 @@ teacher then runs only as deep as the deepest layer any term needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from distill_pretrain import losses
-from distill_pretrain.architectures import (Architecture, apply_mlm_head, architecture_of, dims,
+from distill_pretrain.architectures import (Architecture, apply_mlm_head, architecture_of,
                                             embedding_width)
 from distill_pretrain.capture import Captured, CapturePlan, capture, truncated
-from distill_pretrain.config import (LastLayerConfig, LayerMapConfig, ObjectiveConfig,
-                                     RecipeValidationError, parse_layer_choice)
-
-
-# ------------------------------------------------------------------ outputs
-
-
-@dataclass
-class TeacherSide:
-    """What one teacher forward recorded, from which each term derives its target."""
-    captured: Captured
-    mlm_logits: Optional[torch.Tensor] = None
-    """(N, vocab) at the objective's logit rows (masked positions, or all real tokens)."""
-
-
-@dataclass
-class TeacherOutputs:
-    """The teacher's part of one batch, computed under no_grad (plain tensors): each
-    term's target (teacher distributions, hidden states, ...), so the training step
-    only computes the student side."""
-    targets: dict[str, object] = field(default_factory=dict)
-    """Term name -> its target (see the term builders in DistillationObjective)."""
-    deepest_hidden: Optional[torch.Tensor] = None
-    """(batch, seq, hidden) output of the deepest teacher layer that ran."""
-    mlm_top1: Optional[torch.Tensor] = None
-    """(N,) teacher's top-1 token at the logit rows, when its head ran."""
-
-
-@dataclass
-class StudentOutputs:
-    captured: Captured
-    last_hidden: torch.Tensor
-    """(batch, seq, hidden)."""
-    mlm_logits: Optional[torch.Tensor] = None
-    """(N, vocab) at the objective's logit rows, or None when not computed."""
-
-
-@dataclass
-class ObjectiveOutput:
-    total: torch.Tensor
-    """Scalar fp32 with grad: sum of weight * part."""
-    parts: dict[str, torch.Tensor]
-    """Unweighted value of each term (detached scalars), for logging."""
-    stats: dict[str, torch.Tensor]
-    """Detached fp32 scalars, summed over the batch (all-reduce with SUM):
-    mlm_correct / mlm_count: student top-1 on masked positions (count 0 when no student
-    logits were computed: MLM terms off and module in train mode);
-    agreement_sum / agreement_count: teacher/student top-1 agreement on masked positions
-    when both have logits, else cosine of the student's last hidden states with the
-    deepest teacher layer run, over real tokens (widths differ: cosine of each token's
-    row of token-token similarities)."""
-
-
-# ------------------------------------------------------------------ layer mapping
-
-
-def resolve_layer(choice: str, num_layers: int) -> int:
-    """'last' -> L; 'upper_middle' -> L - L//8 (21 of 24); '7' -> 7."""
-    parsed = parse_layer_choice(choice)
-    if parsed == "last":
-        return num_layers
-    if parsed == "upper_middle":
-        return num_layers - num_layers // 8
-    return int(parsed)
-
-
-def uniform_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    """TinyBERT's uniform map: student layer m <- teacher layer m * L_t / L_s."""
-    return [(m, max(1, int(round(m * teacher_layers / student_layers))))
-            for m in range(1, student_layers + 1)]
-
-
-def layer_pairs(cfg: LayerMapConfig, student_layers: int,
-                teacher_layers: int) -> list[tuple[int, int]]:
-    if cfg.layer_map == "uniform":
-        return uniform_pairs(student_layers, teacher_layers)
-    if cfg.layer_map == "last":
-        return [(student_layers, teacher_layers)]
-    return [(int(s), int(t)) for s, t in cfg.pairs]
-
-
-def single_pair(cfg: LastLayerConfig, student_layers: int,
-                teacher_layers: int) -> tuple[int, int]:
-    return (resolve_layer(cfg.student_layer, student_layers),
-            resolve_layer(cfg.teacher_layer, teacher_layers))
-
-
-def objective_layer_pairs(cfg: ObjectiveConfig, student_layers: int,
-                          teacher_layers: int) -> dict[str, list[tuple[int, int]]]:
-    """Name -> (student layer, teacher layer) pairs of every active layer-wise term."""
-    out = {}
-    for name, section in cfg.active().items():
-        if isinstance(section, LayerMapConfig):
-            out[name] = layer_pairs(section, student_layers, teacher_layers)
-        elif isinstance(section, LastLayerConfig):
-            out[name] = [single_pair(section, student_layers, teacher_layers)]
-        elif name == "embedding_mse":
-            out[name] = [(0, 0)]
-    return out
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    embedding_size: Optional[int] = None
-    """Width of the embedding output; default hidden_size."""
-
-    @staticmethod
-    def of(hf_config, arch: Architecture) -> "ModelShape":
-        return ModelShape(*dims(hf_config, arch), embedding_width(hf_config, arch))
+from distill_pretrain.config import ObjectiveConfig, RecipeValidationError, fail
+from distill_pretrain.layer_map import ModelShape, objective_layer_pairs
+from distill_pretrain.objective_outputs import (ObjectiveOutput, StudentOutputs, TeacherOutputs,
+                                                TeacherSide)
 
 
 # ------------------------------------------------------------------ terms
@@ -227,7 +120,7 @@ class DistillationObjective(nn.Module):
         self.terms.append(Term(
             "mlm", section.weight, target=lambda t, mask: None,
             compute=lambda s, target, mask, labels: losses.mlm_cross_entropy(
-                s.mlm_logits, labels[self.logit_rows(mask, labels)])))
+                s.mlm_logits, s.logit_labels)))
 
     def _add_hidden_cosine(self, section, pairs) -> None:
         (s_layer, t_layer), = pairs
@@ -317,15 +210,22 @@ class DistillationObjective(nn.Module):
 
     # -- running --
 
-    def logit_rows(self, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def logitrows_at(self, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(batch, seq) bool: where MLM logits are computed (masked, or all real tokens)."""
         if self.logit_positions == "all":
             return attention_mask.bool() | (labels != -100)
         return labels != -100
 
+    def logit_index(self, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 flat positions of the logit rows. The trainer computes it on the
+        CPU batch and ships it with the batch: selecting rows with a boolean mask on a
+        GPU would wait for the GPU to count them (a host sync per micro-batch)."""
+        return self.logitrows_at(attention_mask, labels).reshape(-1).nonzero().squeeze(1)
+
     @torch.no_grad()
     def teacher_forward(self, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        labels: torch.Tensor) -> TeacherOutputs:
+                        labels: torch.Tensor,
+                        logit_index: Optional[torch.Tensor] = None) -> TeacherOutputs:
         """Run the frozen teacher (only ``teacher_depth`` layers), recording what the terms
         need, and compute each term's target. no_grad, not inference_mode: the outputs
         are used as loss targets in the (autograd-recorded) student step."""
@@ -342,15 +242,17 @@ class DistillationObjective(nn.Module):
         last = out.last_hidden_state
         logits = None
         if self.teacher_logits and teacher.has_mlm_head:
-            logits = apply_mlm_head(teacher.model, arch,
-                                    last[self.logit_rows(attention_mask, labels)])
+            if logit_index is None:
+                logit_index = self.logit_index(attention_mask, labels)
+            logits = apply_mlm_head(teacher.model, arch, rows_at(last, logit_index))
         side = TeacherSide(captured, logits)
         targets = {term.name: term.target(side, attention_mask) for term in self.terms}
         return TeacherOutputs(targets=targets, deepest_hidden=last,
                               mlm_top1=None if logits is None else logits.argmax(-1))
 
     def forward(self, student: StudentOutputs, teacher: TeacherOutputs,
-                attention_mask: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
+                attention_mask: torch.Tensor, labels: torch.Tensor,
+                with_stats: bool = True) -> ObjectiveOutput:
         total = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
         parts = {}
         for term in self.terms:
@@ -358,8 +260,8 @@ class DistillationObjective(nn.Module):
                                  labels)
             parts[term.name] = value.detach()
             total = total + term.weight * value
-        return ObjectiveOutput(total=total, parts=parts,
-                               stats=self.stats(student, teacher, attention_mask, labels))
+        stats = self.stats(student, teacher, attention_mask, labels) if with_stats else {}
+        return ObjectiveOutput(total=total, parts=parts, stats=stats)
 
     @torch.no_grad()
     def stats(self, student: StudentOutputs, teacher: TeacherOutputs,
@@ -370,7 +272,7 @@ class DistillationObjective(nn.Module):
                "agreement_count": zero}
         if student.mlm_logits is not None:
             logits = student.mlm_logits
-            row_labels = labels[self.logit_rows(attention_mask, labels)]
+            row_labels = student.logit_labels
             masked = row_labels != -100
             # "token x is the student's top-1" as logit[x] >= max: amax is several times
             # cheaper than argmax over a (rows, vocab) tensor on CPU.
@@ -409,42 +311,14 @@ def hidden_agreement(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     return (cos * weights).sum(), weights.sum()
 
 
-# ------------------------------------------------------------------ module DeepSpeed wraps
-
-
-class DistillModule(nn.Module):
-    """Student + objective in one module, so the objective's projections are trained by
-    the same (DeepSpeed) optimizer. ``state_dict`` keys: ``student.*``, ``objective.*``."""
-
-    def __init__(self, student: nn.Module, objective: DistillationObjective):
-        super().__init__()
-        self.student = student
-        self.objective = objective
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, teacher_out: TeacherOutputs) -> ObjectiveOutput:
-        objective = self.objective
-        base, arch = self.student.base_model, objective.student_arch
-        with capture(base, arch, objective.student_plan) as captured:
-            out = base(input_ids=input_ids, attention_mask=attention_mask)
-        last = out.last_hidden_state
-        captured.hidden.setdefault(objective.student_shape.num_layers, last)
-        logits = None
-        if objective.needs_mlm_logits:
-            rows = objective.logit_rows(attention_mask, labels)
-            logits = apply_mlm_head(self.student, arch, last[rows])
-        elif not self.training:  # evaluation: MLM accuracy even when no term needs it
-            with torch.no_grad():
-                logits = apply_mlm_head(self.student, arch, last[labels != -100])
-        return objective(StudentOutputs(captured, last, logits), teacher_out, attention_mask,
-                         labels)
+def rows_at(hidden: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, width) -> (N, width) at flat positions (batch * seq + position)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
 
 
 def build_objective(cfg: ObjectiveConfig, teacher, student_config) -> DistillationObjective:
     """The recipe's objective for this teacher and student (HF config of the student);
-    raises RecipeValidationError when they do not fit (see validate.check_objective)."""
-    from distill_pretrain.validate import check_objective
-
+    raises RecipeValidationError when they do not fit (check_objective)."""
     student_arch = architecture_of(student_config)
     teacher_shape = ModelShape(teacher.num_layers, teacher.hidden_size, teacher.num_heads,
                                embedding_width(teacher.config, teacher.arch))
@@ -455,3 +329,70 @@ def build_objective(cfg: ObjectiveConfig, teacher, student_config) -> Distillati
                     student_vocab=student_config.vocab_size)
     return DistillationObjective(cfg, teacher_shape, student_shape, teacher.arch,
                                  student_arch, teacher.has_mlm_head)
+
+
+# ------------------------------------------------------------------ checks
+
+REPRESENTATION_HINT = ("use a representation recipe instead, e.g. configs/minilmv2.yaml "
+                       "(objective.qkv_relation_kl) or configs/minilm.yaml "
+                       "(objective.attention_kl + value_relation_kl), or point teacher.path "
+                       "at a checkpoint with a masked-LM head (e.g. a *ForMaskedLM folder)")
+
+
+def check_objective(cfg: ObjectiveConfig, *, teacher_shape: ModelShape,
+                    student_shape: ModelShape, teacher_has_head: bool,
+                    teacher_folder: Path | str, teacher_vocab: int,
+                    student_vocab: int) -> None:
+    """Every active term fits this teacher and student; raises RecipeValidationError."""
+    active = cfg.active()
+    if not active:
+        fail("objective", "no objective is set; set at least one section, e.g. "
+                           "objective.qkv_relation_kl.weight=1, or start from configs/*.yaml")
+    if "logit_kl" in active and not teacher_has_head:
+        fail("objective.logit_kl", f"needs the teacher's masked-LM head, but the weights in "
+                                    f"{teacher_folder} have none (a head would be random "
+                                    f"and its soft targets noise); {REPRESENTATION_HINT}")
+    for name in ("logit_kl", "mlm"):
+        if name in active and teacher_vocab != student_vocab:
+            fail(f"objective.{name}", f"teacher vocabulary ({teacher_vocab} in "
+                                       f"{teacher_folder}) and student vocabulary "
+                                       f"({student_vocab}) differ; logits cannot be compared. "
+                                       f"Build the student with the teacher's tokenizer")
+    s_layers, t_layers = student_shape.num_layers, teacher_shape.num_layers
+    for name, pairs in objective_layer_pairs(cfg, s_layers, t_layers).items():
+        low = 0 if name == "embedding_mse" else 1
+        for s, t in pairs:
+            if not low <= s <= s_layers:
+                fail(f"objective.{name}", f"student layer {s} is outside 1..{s_layers} "
+                                           f"(student.num_layers={s_layers})")
+            if not low <= t <= t_layers:
+                fail(f"objective.{name}", f"teacher layer {t} is outside 1..{t_layers} "
+                                           f"(the teacher {teacher_folder} has {t_layers} "
+                                           f"layers)")
+    for name in ("attention_score_mse", "attention_kl", "value_relation_kl"):
+        if name in active and student_shape.num_heads != teacher_shape.num_heads:
+            fail(f"objective.{name}",
+                  f"compares attention per head and needs equal head counts, but the "
+                  f"teacher ({teacher_folder}) has {teacher_shape.num_heads} and the student "
+                  f"{student_shape.num_heads}; set student.num_heads="
+                  f"{teacher_shape.num_heads} if it divides the student width, or use "
+                  f"objective.qkv_relation_kl (MiniLMv2), which works across head counts")
+    if "hidden_cosine" in active and student_shape.hidden_size != teacher_shape.hidden_size:
+        fail("objective.hidden_cosine",
+              f"needs equal widths (teacher {teacher_shape.hidden_size}, student "
+              f"{student_shape.hidden_size}); use objective.hidden_mse, which learns a "
+              f"projection")
+    relation = cfg.qkv_relation_kl
+    if relation is not None:
+        r = relation.relation_heads
+        for who, width in (("teacher", teacher_shape.hidden_size),
+                           ("student", student_shape.hidden_size)):
+            if width % r:
+                divisors = [d for d in range(1, width + 1)
+                            if teacher_shape.hidden_size % d == 0
+                            and student_shape.hidden_size % d == 0]
+                fail("objective.qkv_relation_kl.relation_heads",
+                      f"{who} width {width} is not divisible by relation_heads={r}; choose "
+                      f"a common divisor of {teacher_shape.hidden_size} and "
+                      f"{student_shape.hidden_size}, e.g. "
+                      f"{[d for d in divisors if d <= 64][-3:]}")

@@ -9,8 +9,9 @@ import logging
 import torch
 from torch import nn
 
+from distill_common.seeding import shared_seed
 from distill_pretrain.architectures import Architecture, dims, layer_list
-from distill_pretrain.config import RecipeValidationError, StudentConfig
+from distill_pretrain.config import RecipeValidationError, StudentConfig, fail
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,14 @@ def _init_embeddings(student_emb: nn.Module, teacher_emb: nn.Module, mode: str,
 def build_student(cfg: StudentConfig, teacher, seed: int = 0) -> nn.Module:
     """A masked-LM model of the teacher's family (``AutoModelForMaskedLM``-loadable),
     its MLM head tied to the input embeddings; teacher layers and embeddings copied in
-    per ``cfg``. The global RNG is left untouched (initialisation uses ``seed``)."""
+    per ``cfg``. Every generator is left as it was (initialisation uses ``seed`` on the
+    CPU generator alone, see distill_common.seeding.shared_seed)."""
     from transformers import AutoModelForMaskedLM
-
-    from distill_pretrain.validate import check_student
 
     arch = teacher.arch
     check_student(cfg, teacher.config, arch, teacher.path)
     conf = student_hf_config(cfg, teacher.config, arch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with shared_seed(seed):  # every rank builds the same student; rank streams untouched
         student = AutoModelForMaskedLM.from_config(conf)
     student.to(dtype=torch.float32)
     teacher_base, student_base = teacher.base, student.base_model
@@ -164,3 +163,45 @@ def _ensure_tied(student: nn.Module) -> None:
     if student.get_output_embeddings().weight is not student.get_input_embeddings().weight:
         raise RuntimeError(f"{type(student).__name__}: MLM decoder is not tied to the input "
                            f"embeddings")
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def check_student(cfg: StudentConfig, teacher_config, arch, teacher_folder) -> None:
+    """The student can be built from this teacher."""
+    t_layers, t_hidden, t_heads = dims(teacher_config, arch)
+    t_inter = getattr(teacher_config, arch.intermediate_size_key)
+    d = student_dims(cfg, teacher_config, arch)
+    if d["hidden_size"] % d["num_heads"]:
+        fail("student.num_heads", f"{d['num_heads']} heads do not divide hidden_size="
+                                   f"{d['hidden_size']}; set student.num_heads to a divisor")
+    if copies_teacher_layers(cfg, teacher_config, arch):
+        same = (d["hidden_size"], d["num_heads"], d["intermediate_size"]) == \
+            (t_hidden, t_heads, t_inter)
+        if not same:
+            fail("student.init", f"teacher_layers copies teacher layers, which needs the "
+                                  f"teacher's shape (hidden {t_hidden}, heads {t_heads}, "
+                                  f"intermediate {t_inter}; {teacher_folder}), got "
+                                  f"{d['hidden_size']}/{d['num_heads']}/"
+                                  f"{d['intermediate_size']}; use init=random for a "
+                                  f"narrower student")
+        if cfg.teacher_layers is not None:
+            bad = [k for k in cfg.teacher_layers if not 1 <= k <= t_layers]
+            if bad:
+                fail("student.teacher_layers", f"layers {bad} are outside 1..{t_layers} "
+                                                f"(the teacher {teacher_folder})")
+        if cfg.num_layers > t_layers:
+            fail("student.num_layers", f"{cfg.num_layers} layers cannot be copied from a "
+                                        f"{t_layers}-layer teacher; use init=random")
+    elif cfg.teacher_layers is not None:
+        fail("student.teacher_layers", "is set, but the student is not initialised from "
+                                        "teacher layers (its shape differs from the "
+                                        "teacher's); drop it or set init=teacher_layers")
+    mode = embedding_init_mode(cfg, teacher_config, arch)
+    if mode == "copy" and d["hidden_size"] != t_hidden:
+        fail("student.embedding_init", f"copy needs the teacher's width {t_hidden}, the "
+                                        f"student has {d['hidden_size']}; use svd or random")
+    if mode == "svd" and d["hidden_size"] > t_hidden:
+        fail("student.embedding_init", f"svd gives at most the teacher's width {t_hidden}, "
+                                        f"the student has {d['hidden_size']}; use random")
