@@ -1,14 +1,8 @@
 """Composing the losses of a recipe into one objective (and checking that it fits).
 
-Use (the trainer):
-
-    teacher = load_teacher(recipe.teacher, dtype=...)
-    student = build_student(recipe.student, teacher, seed)
-    objective = build_objective(recipe.objective, teacher, student.config)
-    module = DistillModule(student, objective)        # distill_module.py, for DeepSpeed
-    teacher_out = objective.teacher_forward(teacher, input_ids, attention_mask, labels)
-    out = engine(input_ids, attention_mask, labels, teacher_out)   # ObjectiveOutput
-    engine.backward(out.total)
+Use: ``objective = build_objective(cfg, teacher, student.config)``; per batch
+``t = objective.teacher_forward(teacher, ids, mask, labels)`` then the student side in
+``DistillModule(student, objective)(ids, mask, labels, t)`` (distill_module.py).
 
 Each objective is a *term*: a name, a weight, a teacher-side target (computed in
 ``teacher_forward`` under no_grad: teacher distributions, hidden states) and a loss of the
@@ -34,6 +28,7 @@ from distill_pretrain.config import ObjectiveConfig, RecipeValidationError, fail
 from distill_pretrain.layer_map import ModelShape, objective_layer_pairs
 from distill_pretrain.objective_outputs import (ObjectiveOutput, StudentOutputs, TeacherOutputs,
                                                 TeacherSide)
+from distill_pretrain.objective_stats import evaluation_stats
 
 
 # ------------------------------------------------------------------ terms
@@ -260,55 +255,8 @@ class DistillationObjective(nn.Module):
                                  labels)
             parts[term.name] = value.detach()
             total = total + term.weight * value
-        stats = self.stats(student, teacher, attention_mask, labels) if with_stats else {}
+        stats = evaluation_stats(student, teacher, attention_mask) if with_stats else {}
         return ObjectiveOutput(total=total, parts=parts, stats=stats)
-
-    @torch.no_grad()
-    def stats(self, student: StudentOutputs, teacher: TeacherOutputs,
-              attention_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = attention_mask.device
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        out = {"mlm_correct": zero, "mlm_count": zero, "agreement_sum": zero,
-               "agreement_count": zero}
-        if student.mlm_logits is not None:
-            logits = student.mlm_logits
-            row_labels = student.logit_labels
-            masked = row_labels != -100
-            # "token x is the student's top-1" as logit[x] >= max: amax is several times
-            # cheaper than argmax over a (rows, vocab) tensor on CPU.
-            best = logits.amax(-1)
-
-            def is_top1(tokens: torch.Tensor) -> torch.Tensor:
-                return logits.gather(-1, tokens.clamp(min=0)[:, None])[:, 0] >= best
-
-            out["mlm_correct"] = is_top1(row_labels)[masked].sum().float()
-            out["mlm_count"] = masked.sum().float()
-            if teacher.mlm_top1 is not None:
-                out["agreement_sum"] = is_top1(teacher.mlm_top1)[masked].sum().float()
-                out["agreement_count"] = masked.sum().float()
-                return out
-        if teacher.deepest_hidden is not None:
-            total, count = hidden_agreement(student.last_hidden, teacher.deepest_hidden,
-                                            attention_mask)
-            out["agreement_sum"], out["agreement_count"] = total, count
-        return out
-
-
-def hidden_agreement(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over real tokens of a cosine, number of real tokens). Equal widths: cosine of
-    the two hidden states; else cosine of each token's row of token-token cosine
-    similarities (real keys only), which needs no common width."""
-    s, t = student_hidden.float(), teacher_hidden.float()
-    weights = mask.to(torch.float32)
-    if s.shape[-1] != t.shape[-1]:
-        s_unit = torch.nn.functional.normalize(s, dim=-1)
-        t_unit = torch.nn.functional.normalize(t, dim=-1)
-        key_weights = weights[:, None, :]
-        s = (s_unit @ s_unit.transpose(1, 2)) * key_weights  # (batch, seq, seq)
-        t = (t_unit @ t_unit.transpose(1, 2)) * key_weights
-    cos = torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-8)  # (batch, seq)
-    return (cos * weights).sum(), weights.sum()
 
 
 def rows_at(hidden: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
