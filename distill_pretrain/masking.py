@@ -74,12 +74,13 @@ class Masker:
         out = np.where(to_mask, self.mask_id, ids)
         n_random = int(to_random.sum())
         if n_random:
-            out[to_random] = rng.choice(self.random_pool, size=n_random)
+            out[to_random] = self.random_pool[rng.integers(len(self.random_pool),
+                                                           size=n_random)]
         return out, labels
 
     def _keys(self, weights: np.ndarray | None, shape, rng) -> np.ndarray:
         """Efraimidis-Spirakis keys: the top-k keys are a weighted draw of k without
-        replacement (uniform when ``weights`` is None)."""
+        replacement (log(u) / w; uniform when ``weights`` is None)."""
         u = rng.random(shape)
         if weights is None:
             return u
@@ -87,12 +88,12 @@ class Masker:
             return np.log(u) / weights
 
     def _choose_tokens(self, ids, candidate, target, rng) -> np.ndarray:
+        """Per row, the ``target`` candidates with the largest keys."""
         weights = None if self.weight is None else self.weight[ids]
         keys = np.where(candidate, self._keys(weights, ids.shape, rng), -np.inf)
-        order = np.argsort(-keys, axis=1, kind="stable")  # best first, per row
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(ids.shape[1])[None, :], axis=1)
-        return candidate & (rank < target[:, None])
+        ranked = np.sort(keys, axis=1)[:, ::-1]  # (B, S) best first
+        threshold = ranked[np.arange(len(ids)), np.maximum(target - 1, 0)]
+        return candidate & (keys >= threshold[:, None]) & (target[:, None] > 0)
 
     def _choose_words(self, ids, candidate, target, rng) -> np.ndarray:
         """Whole words, in random key order, while the sequence's budget allows (a word
@@ -103,30 +104,33 @@ class Masker:
         previous_is_candidate = np.r_[False, flat_cand[:-1]]
         previous_is_candidate[::seq] = False  # a row's first position starts a word
         starts = flat_cand & (~self.continuation[ids.ravel()] | ~previous_is_candidate)
-        row_of_position = np.repeat(np.arange(batch), seq)
-        word_of = np.cumsum(starts) - 1  # (B*S,) word index per position (candidates)
         positions = np.flatnonzero(flat_cand)
         if len(positions) == 0:
             return np.zeros_like(candidate)
-        words = word_of[positions]
+        words = (np.cumsum(starts) - 1)[positions]  # word index of each candidate
         n_words = int(words[-1]) + 1
         size = np.bincount(words, minlength=n_words)
-        row = np.zeros(n_words, dtype=np.int64)
-        row[words] = row_of_position[positions]
+        row = positions[np.flatnonzero(starts[positions])] // seq  # (n_words,) ascending
         weights = None
         if self.weight is not None:
             weights = np.bincount(words, weights=self.weight[ids.ravel()[positions]],
                                   minlength=n_words) / np.maximum(size, 1)
-        keys = self._keys(weights, n_words, rng)
-        order = np.lexsort((-keys, row))  # by row, best key first
+        # by row, best key first: keys sorted (continuous: no ties to break), then a stable
+        # sort by row (radix on int16), far cheaper than np.lexsort
+        by_key = np.argsort(-self._keys(weights, n_words, rng))
+        order = by_key[np.argsort(row[by_key].astype(np.int16), kind="stable")]
         row_sorted = row[order]
-        first = np.r_[True, row_sorted[1:] != row_sorted[:-1]]  # each row's best word
+        words_per_row = np.bincount(row_sorted, minlength=batch)
+        first = np.zeros(n_words, dtype=bool)
+        first[np.cumsum(words_per_row)[words_per_row > 0] - words_per_row[words_per_row > 0]] \
+            = True
         taken = np.zeros(n_words, dtype=bool)
         budget = target
         for sweep in range(2):
-            free = ~taken[order]
-            used = _segment_cumsum(np.where(free, size[order], 0), first)
-            fits = free & (used <= budget[row_sorted])
+            sizes = np.where(taken[order], 0, size[order])
+            used = np.cumsum(sizes)
+            used -= np.repeat((used - sizes)[first], words_per_row[words_per_row > 0])
+            fits = ~taken[order] & (used <= budget[row_sorted])
             if sweep == 0:
                 fits |= first  # a sequence's first word counts even if it overshoots
             taken[order[fits]] = True
@@ -135,14 +139,6 @@ class Masker:
         chosen = np.zeros(batch * seq, dtype=bool)
         chosen[positions] = taken[words]
         return chosen.reshape(batch, seq)
-
-
-def _segment_cumsum(values: np.ndarray, segment_start: np.ndarray) -> np.ndarray:
-    """Cumulative sum restarting where ``segment_start`` is True."""
-    total = np.cumsum(values)
-    start_index = np.maximum.accumulate(np.where(segment_start, np.arange(len(values)), 0))
-    before = np.concatenate(([0], total))[start_index]
-    return total - before
 
 
 def build_masker(tokenizer, manifest: dict, *, mask_prob: float = 0.15,
