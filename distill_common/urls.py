@@ -10,7 +10,7 @@ records a URL passes it through :func:`redact_url` (or a whole message through
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 # A URL inside free text (an error message): a scheme, `://`, then up to whitespace or a
 # quote or bracket that would close it in a message.
@@ -32,7 +32,9 @@ def _redact_one(url: str) -> str:
     http = parts.scheme.lower() in _HTTP
     query = "" if http or "=" in parts.query else parts.query
     fragment = "" if http or "=" in parts.fragment else parts.fragment
-    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+    # not urlunsplit: it turns `memory:///a` (empty host) into `memory:/a`
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{fragment}" if fragment else ""))
 
 
 def redact_url(url: str) -> str:

@@ -17,6 +17,7 @@ from distill_common.urls import redact_text, redact_url
     ("s3://AKIA:secret@bucket/a.txt", "s3://bucket/a.txt"),
     ("s3://bucket/a.parquet?versionId=3", "s3://bucket/a.parquet"),
     ("memory://corpus/a.txt?sig=x", "memory://corpus/a.txt"),
+    ("memory:///corpus/a.txt?sig=x", "memory:///corpus/a.txt"),
     ("file:///data/a.txt?token=x", "file:///data/a.txt"),
     # fsspec chains: every link
     ("zip://inner.txt::https://h/a.zip?sig=x", "zip://inner.txt::https://h/a.zip"),
