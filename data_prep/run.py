@@ -35,6 +35,7 @@ from data_prep.scan import (BAD_REASONS, SPILL_DIR, STATUS_CODE, STATUS_NAMES, U
 from data_prep.shards import Output, npy_bytes, write_shard
 from data_prep.sources import ReadOptions, Unit, resolve_sources
 from data_prep.tokenizer import TokenizerSpec, load_tokenizer_spec
+from distill_common.folder_lock import FolderLock
 from distill_common.urls import redact_url
 
 log = logging.getLogger(__name__)
@@ -195,11 +196,18 @@ def run_prep(cfg: PrepConfig, tokenizer_path: str, *, ray_address: Optional[str]
     """Prepare shards as ``cfg`` says; returns the manifest (also written last to
     ``<output_dir>/manifest.json``). ``tokenizer_path`` is used unless ``cfg.tokenizer``
     is set (the CLI passes the recipe's ``teacher.path``). ``workers`` overrides
-    ``cfg.workers`` (0 = no Ray)."""
+    ``cfg.workers`` (0 = no Ray). A local output folder is locked for the run: a second
+    prep into it stops at once (FolderInUseUserError)."""
     started = time.perf_counter()
     if not cfg.output_dir:
         raise PrepError("prep.output_dir is not set; give a folder or an fsspec URL")
     out = Output(cfg.output_dir)
+    if out.is_local:
+        with FolderLock(out.root, what="prep"):
+            return _prep(cfg, tokenizer_path, out, ray_address, workers, started)
+    if "memory" not in out.fs.protocol:
+        log.info("prep: %s is not a local folder and cannot be locked: start one prep at "
+                 "a time into it", redact_url(out.url))
     return _prep(cfg, tokenizer_path, out, ray_address, workers, started)
 
 

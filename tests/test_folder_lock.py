@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from cli_process import child_env
 from distill_common.folder_lock import (LOCK_NAME, FolderInUseUserError, FolderLock,
                                         _holder_is_alive, lock_holder)
 
@@ -34,10 +34,9 @@ time.sleep(600)
 
 
 def start_holder(folder, fork: bool = False) -> tuple[subprocess.Popen, int]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO)] + sys.path)}
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)]
                             + (["fork"] if fork else []),
-                            env=env, stdout=subprocess.PIPE, text=True)
+                            env=child_env(), stdout=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
 
 
