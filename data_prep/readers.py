@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 from data_prep.errors import PrepError
 from data_prep.lines import Line, UnreadableError, io_errors, is_compressed, read_lines, unreadable
@@ -85,14 +85,20 @@ def _decode(unit: Unit, line: Line, opts: ReadOptions) -> tuple[Optional[str], O
 
 # ---------------------------------------------------------------- text
 
-def _line_docs(unit: Unit, opts: ReadOptions, lines: Iterator[Line]) -> Iterator[Item]:
+def _line_docs(unit: Unit, opts: ReadOptions, lines: Iterator[Line],
+               to_item: Callable) -> Iterator[Item]:
+    """A document per non-blank line (text or JSONL), made by ``to_item``."""
     for line in lines:
         text, bad = _decode(unit, line, opts)
         if bad:
             yield bad
         elif text.strip():
-            where = f"{unit.label}:{line.number}"
-            yield Item(where, text, where, offset=line.offset, line=line.number)
+            yield to_item(unit, opts, text, line)
+
+
+def _text_item(unit: Unit, opts: ReadOptions, text: str, line: Line) -> Item:
+    where = f"{unit.label}:{line.number}"
+    return Item(where, text, where, offset=line.offset, line=line.number)
 
 
 def _block_docs(unit: Unit, opts: ReadOptions, lines: Iterator[Line]) -> Iterator[Item]:
@@ -172,15 +178,6 @@ def _jsonl_item(unit: Unit, opts: ReadOptions, text: str, line: Line) -> Item:
                         "fix the program that wrote the file", **kw)
     doc_id = record.get(opts.id_field) if opts.id_field else None
     return Item(str(doc_id) if doc_id is not None else where, value, where, **kw)
-
-
-def _jsonl_docs(unit: Unit, opts: ReadOptions, lines: Iterator[Line]) -> Iterator[Item]:
-    for line in lines:
-        text, bad = _decode(unit, line, opts)
-        if bad:
-            yield bad
-        elif text.strip():
-            yield _jsonl_item(unit, opts, text, line)
 
 
 # ---------------------------------------------------------------- Parquet and `datasets`
@@ -297,10 +294,12 @@ def _items(unit: Unit, opts: ReadOptions, start: int, resume) -> Iterator[Item]:
         lines = read_lines(unit.location, unit.label, opts.max_line_bytes,
                            resume if seekable else None)
         if unit.kind == "jsonl":
-            docs = _jsonl_docs
+            docs = _line_docs(unit, opts, lines, _jsonl_item)
+        elif opts.doc_split == "line":
+            docs = _line_docs(unit, opts, lines, _text_item)
         else:
-            docs = _line_docs if opts.doc_split == "line" else _block_docs
-        items = _or_empty(unit, docs(unit, opts, lines), resume if seekable else None)
+            docs = _block_docs(unit, opts, lines)
+        items = _or_empty(unit, docs, resume if seekable else None)
         return itertools.islice(items, 0 if seekable else start, None)
     if unit.kind == "parquet":
         return _read_parquet(unit, opts, start)
