@@ -321,6 +321,8 @@ def read_unit(unit: Unit, opts: ReadOptions, start: int = 0,
         yield from _items(unit, opts, start, resume)
     except UnreadableError as err:
         yield _unreadable_item(err)
+    except PrepError:
+        raise
     except io_errors() as err:  # Parquet and `datasets` files (lines: read_lines)
         yield _unreadable_item(unreadable(unit.label, unit.location, err))
 

@@ -113,8 +113,7 @@ class FolderLock:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.what = what
-        self.command = redact_text(command or " ".join([Path(sys.argv[0]).name]
-                                                       + sys.argv[1:]))
+        self.command = redact_text(command or _this_command())
         self._fd: Optional[int] = None
 
     @property
@@ -204,6 +203,13 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _this_command() -> str:
+    program = Path(sys.argv[0])
+    name = f"python -m {program.parent.name}" if program.name == "__main__.py" \
+        else program.name
+    return " ".join([name] + sys.argv[1:])
 
 
 def _read_all(fd: int) -> bytes:

@@ -74,8 +74,9 @@ def test_a_second_prep_into_a_folder_in_use_stops_at_once(tmp_path, recipe):
         second = run_cli("prep", recipe)
         assert first.poll() is None  # the second did not wait for the first
         assert_one_clean_error(second, rf"{out} is in use by prep PID {first.pid} on host "
-                                       rf"{socket.gethostname()} \(started .*prep.*\); two "
-                                       rf"runs on one folder .*another output folder")
+                                       rf"{socket.gethostname()} \(started .*: -c \S+ prep "
+                                       rf"{recipe}\); two runs on one folder .*another "
+                                       rf"output folder")
         assert {p: p.read_bytes() for p in written} == written  # untouched
     finally:
         go.touch()
