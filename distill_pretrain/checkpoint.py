@@ -16,6 +16,11 @@ checkpoint:
    deleted. A complete checkpoint of the same step is never replaced (a save requested
    again right after one, e.g. by SIGTERM, reuses it).
 
+Test hook (test-only): ``DISTILL_TEST_PAUSE_SAVE="written:8"`` (or ``renamed:8``) makes
+rank 0 touch ``checkpoints/.paused-written`` and sleep 60 s once the files of step 8 are
+written (before complete.json), or once the folder is renamed (before pruning), so a test
+can kill or signal the run at that instant.
+
 Loading verifies every file against ``complete.json`` first (split over the ranks) and
 refuses a folder whose files differ: only what this system wrote is ever unpickled. A
 damaged newest checkpoint falls back to the next older complete one, with a warning.
@@ -29,6 +34,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -156,7 +162,7 @@ class Checkpointer:
     def save(self, step: int, client_state: dict, rank_state: dict,
              extra: dict | None = None) -> Path:
         final = self.root / tag_for(step)
-        if self.world.all_reduce([is_complete(final)], "max")[0]:
+        if self._keep_existing(final):
             log.info("checkpoint %s exists; kept", final)
             return final
         nonce = self.world.broadcast_object(secrets.token_hex(4) if self.world.is_main else None)
@@ -171,6 +177,7 @@ class Checkpointer:
         if self.world.is_main and self.write_extra is not None:
             self.write_extra(tmp, extra or {})
         self.world.barrier()
+        self._test_pause("written", step)
         files = _files(tmp)
         hashes = dict(pair for part in self.world.gather_objects(
             [(rel, _hash_and_sync(tmp, rel)) for rel in files[self.world.rank::
@@ -182,10 +189,32 @@ class Checkpointer:
                 **self.record, "files": hashes})
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            self._test_pause("renamed", step)
             self._prune(final)
             log.info("checkpoint %s", final)
         self.world.barrier()
         return final
+
+    def _keep_existing(self, final: Path) -> bool:
+        """A sound complete checkpoint of this step is kept (a stop right after a save
+        asks for it again); a damaged one is moved aside, to be replaced."""
+        if not self.world.all_reduce([is_complete(final)], "max")[0]:
+            return False
+        bad = verify(final, self.world)
+        if not bad:
+            return True
+        if self.world.is_main:
+            aside = self.root / f".tmp-damaged-{final.name}-{secrets.token_hex(4)}"
+            log.warning("%s: %d file(s) changed since it was saved (%s); saving it anew",
+                        final, len(bad), ", ".join(bad[:3]))
+            os.replace(final, aside)
+        self.world.barrier()
+        return False
+
+    def _test_pause(self, point: str, step: int) -> None:
+        if self.world.is_main and os.environ.get("DISTILL_TEST_PAUSE_SAVE") == f"{point}:{step}":
+            (self.root / f".paused-{point}").touch()
+            time.sleep(60)
 
     def _prune(self, newest: Path) -> None:
         older = [p for p in list_checkpoints(self.root) if p.name < newest.name]
@@ -196,12 +225,14 @@ class Checkpointer:
 
     # --- load -----------------------------------------------------------------------------
 
-    def load(self, folder: Path) -> tuple[dict, list[dict]]:
-        """Restore DeepSpeed's state from ``folder`` (verified); returns (client_state,
-        the rank states: this rank's alone when the world size is unchanged, else every
-        saved rank's, for the caller to redistribute)."""
+    def load(self, folder: Path, engine_state: Path | None = None) -> tuple[dict, list[dict]]:
+        """Restore DeepSpeed's state from ``folder`` (verified), or from its universal
+        copy ``engine_state`` when the world size changed; returns (client_state, the rank
+        states: this rank's alone when the world size is unchanged, else every saved
+        rank's, for the caller to redistribute)."""
+        source = engine_state or folder
         _, client_state = self.engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=True,
+            str(source.parent), tag=source.name, load_optimizer_states=True,
             load_lr_scheduler_states=True)
         if client_state is None:
             raise CheckpointUserError(f"{folder}: DeepSpeed could not load this checkpoint; "

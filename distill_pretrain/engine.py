@@ -159,12 +159,16 @@ def adopt_process_group(world: World, timeout_min: float) -> None:
                                timeout=datetime.timedelta(minutes=timeout_min))
 
 
-def build_engine(module: torch.nn.Module, cfg: TrainConfig, world: World, precision: str):
-    """-> (engine, lr_scheduler). ``module`` is moved and partitioned by DeepSpeed."""
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world: World, precision: str,
+                 load_universal: bool = False):
+    """-> (engine, lr_scheduler). ``module`` is moved and partitioned by DeepSpeed.
+    ``load_universal``: the engine will load a universal checkpoint (resume.py)."""
     import deepspeed
 
     on_gpu = world.device.type == "cuda"
     config = deepspeed_config(cfg, world.world_size, precision, on_gpu)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     groups = param_groups(module, cfg.weight_decay)
     if cfg.uses_deepspeed_optimizer:
         optimizer = None

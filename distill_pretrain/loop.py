@@ -13,8 +13,9 @@ with an inf gradient) is skipped by every rank (no update) and counted; after
 ``train.max_bad_steps`` in a row every rank saves the last good state and stops with the
 same error. A data error on one rank stops every rank the same way.
 
-Test hook (test-only): ``DISTILL_TEST_NAN_LOSS="RANK:N[,N...]"`` makes rank RANK see a
-NaN loss on the N-th micro-batch this process draws (1-based; ``N-`` = from the N-th on).
+Test hooks (test-only): ``DISTILL_TEST_NAN_LOSS="RANK:N[,N...]"`` makes rank RANK see a
+NaN loss on the N-th micro-batch this process draws (1-based; ``N-`` = from the N-th on);
+``DISTILL_TEST_INF_GRAD`` likewise gives a finite loss whose gradient is infinite.
 """
 
 from __future__ import annotations
@@ -93,12 +94,14 @@ class StopSignal:
             self._previous = None
 
 
-class _NanHook:
-    def __init__(self, rank: int):
+class _FaultHook:
+    """Which micro-batches a test hook poisons on this rank (see the module docstring)."""
+
+    def __init__(self, variable: str, rank: int):
         self.exact: set[int] = set()
         self.from_draw: int | None = None
         self.drawn = 0
-        who, _, draws = os.environ.get("DISTILL_TEST_NAN_LOSS", "").partition(":")
+        who, _, draws = os.environ.get(variable, "").partition(":")
         if not who or int(who) != rank:
             return
         for item in draws.split(","):
@@ -107,7 +110,7 @@ class _NanHook:
             elif item:
                 self.exact.add(int(item))
 
-    def poison(self) -> bool:
+    def hit(self) -> bool:
         self.drawn += 1
         return self.drawn in self.exact or (self.from_draw is not None
                                             and self.drawn >= self.from_draw)
@@ -123,7 +126,8 @@ class TrainLoop:
         self.checkpoints, self.val_batches, self.precision = checkpoints, val_batches, precision
         self.clock = PhaseClock(world.device, sync=cfg.profile_sync)
         self.micro = MicroStep(engine, objective, teacher, world.device, self.clock)
-        self.nan_hook = _NanHook(world.rank)
+        self.nan_hook = _FaultHook("DISTILL_TEST_NAN_LOSS", world.rank)
+        self.inf_grad_hook = _FaultHook("DISTILL_TEST_INF_GRAD", world.rank)
 
     def save(self, final_eval: dict | None = None) -> Path:
         return self.checkpoints.save(final_eval)
@@ -156,7 +160,8 @@ class TrainLoop:
                 step_sums = Interval()
                 for batch, meta in zip(drawn.batches, drawn.metas):
                     self.position.after(meta)
-                    self.micro(batch, step_sums, poison=self.nan_hook.poison())
+                    self.micro(batch, step_sums, nan_loss=self.nan_hook.hit(),
+                               inf_grad=self.inf_grad_hook.hit())
                 if not self.engine.was_step_applied():
                     self._skipped()
                     continue

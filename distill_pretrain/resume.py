@@ -8,6 +8,11 @@ re-prepared shards or a changed recipe is refused with both named; ``train.resum
 starts over, clearing the old checkpoints first. Everything else (learning rate and its
 schedule, AdamW's betas / eps / weight decay, clipping, max_steps, cadences) may change
 on resume: it takes effect, and the log says what changed.
+
+The number of ranks may change too. DeepSpeed's partitioned optimizer state (ZeRO 1-3,
+and bf16's fp32 master copy) is then converted to its universal layout (one file per
+parameter and state, any world size), which the new engine loads; the data slots keep
+their positions (stream.py), so no sample of the epoch is skipped or repeated.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+from distill_common.distributed import World
 from distill_pretrain.checkpoint import CheckpointUserError, checkpoints_root, read_complete
 from distill_pretrain.config import PretrainJob
 from distill_pretrain.engine import lr_multiplier
@@ -111,3 +119,35 @@ def clear_for_fresh_start(output_dir: str | Path, is_main: bool) -> None:
     if is_main and root.is_dir() and any(root.iterdir()):
         log.warning("train.resume=never: removing the old checkpoints in %s", root)
         shutil.rmtree(root)
+
+
+def needs_universal(folder: Path, world_size: int) -> bool:
+    """The checkpoint's optimizer state is partitioned for another number of ranks."""
+    saved = int(read_complete(folder)["world_size"])
+    return saved != world_size and any(folder.glob("*optim_states.pt"))
+
+
+def universal_copy(folder: Path, world: World) -> Path:
+    """Convert ``folder`` (already verified) to DeepSpeed's universal layout beside it,
+    on rank 0, into a fresh folder every time (it is loaded once, then removed by the
+    caller); every rank gets its path."""
+    target = folder.parent / ".universal" / folder.name
+    error = None
+    if world.is_main:
+        shutil.rmtree(target.parent, ignore_errors=True)
+        saved = read_complete(folder)["world_size"]
+        log.info("%s was saved by %s rank(s): converting it for %d rank(s)", folder, saved,
+                 world.world_size)
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+             str(folder), "--output_folder", str(target), "--inject_missing_state",
+             "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = (f"{folder}: converting the optimizer state for {world.world_size} "
+                     f"rank(s) failed ({proc.stderr.strip().splitlines()[-1:]}); resume "
+                     f"with the {saved} rank(s) it was saved with")
+    error = world.broadcast_object(error)  # every rank waits for the conversion here
+    if error:
+        raise CheckpointUserError(error)
+    return target

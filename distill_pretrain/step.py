@@ -116,7 +116,8 @@ class MicroStep:
         self.engine, self.objective, self.teacher = engine, objective, teacher
         self.device, self.clock = device, clock
 
-    def __call__(self, batch: dict, interval: Interval, poison: bool = False) -> None:
+    def __call__(self, batch: dict, interval: Interval, nan_loss: bool = False,
+                 inf_grad: bool = False) -> None:
         index = self.objective.logit_index(batch["attention_mask"], batch["labels"])
         interval.samples += int(batch["input_ids"].shape[0])
         interval.tokens += int(batch["attention_mask"].sum())  # CPU tensor: no sync
@@ -127,10 +128,24 @@ class MicroStep:
         teacher_out = self.objective.teacher_forward(self.teacher, ids, mask, labels, index)
         self.clock.mark()
         out = as_output(self.engine(ids, mask, labels, teacher_out, index))
-        loss = out.total * float("nan") if poison else out.total
+        loss = out.total * float("nan") if nan_loss else out.total
+        if inf_grad:
+            loss = _InfiniteGradient.apply(loss)
         self.engine.backward(loss)
         self.clock.mark()
         self.engine.step()
         self.clock.mark()
         interval.micro_batches += 1
         interval.add(loss, out.parts)
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Test hook: the loss unchanged, its gradient infinite."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")

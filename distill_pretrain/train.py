@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def _pretrain(job: PretrainJob, world: World, manifest: dict) -> TrainResult:
     adopt_process_group(world, cfg.dist_timeout_min)
     engine, scheduler = build_engine(
         EngineModule(student, build_objective(job.objective, teacher, student.config)),
-        cfg, world, precision)
+        cfg, world, precision, load_universal=start.universal)
     objective = engine.module.objective
     checkpoints = ckpt.Checkpointer(
         engine, world, cfg.output_dir, cfg.keep_last,
@@ -156,12 +157,19 @@ class _Start:
     settings: dict
     data_slots: int
     num_workers: int
+    universal: bool = False
+    """The checkpoint's optimizer state is partitioned for another number of ranks."""
 
     def load(self, checkpoints: ckpt.Checkpointer, engine, scheduler, cfg,
              world: World) -> tuple[TrainState, StreamPosition]:
         if self.folder is None:
             return TrainState(), StreamPosition(num_workers=max(1, self.num_workers))
-        client_state, rank_states = checkpoints.load(self.folder)
+        converted = resume.universal_copy(self.folder, world) if self.universal else None
+        client_state, rank_states = checkpoints.load(self.folder, converted)
+        if converted is not None:
+            world.barrier()
+            if world.is_main:
+                shutil.rmtree(converted.parent, ignore_errors=True)
         state = TrainState(**client_state["train_state"])
         state.bad_in_row = 0
         for key, (old, new) in resume.changed_settings(self.folder, cfg).items():
@@ -203,7 +211,8 @@ def _resume_point(job: PretrainJob, world: World, manifest: dict, precision: str
     fingerprint = shards.fingerprint(manifest)
     if folder is not None:
         resume.check_compatible(folder, fingerprint, settings)
-    return _Start(folder, fingerprint, settings, slots, workers)
+    universal = folder is not None and resume.needs_universal(folder, world.world_size)
+    return _Start(folder, fingerprint, settings, slots, workers, universal)
 
 
 # --- saving and the end ---------------------------------------------------------------------

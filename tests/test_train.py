@@ -40,13 +40,14 @@ MINILM_STYLE = ["  attention_kl: {weight: 1.0}", "  value_relation_kl: {weight: 
 
 def write_recipe(path: Path, assets: dict[str, Path], out: Path,
                  objective: list[str] = DISTILBERT_STYLE, init: str = "teacher_layers",
-                 **train) -> Path:
+                 hidden_dropout: float | None = None, **train) -> Path:
     settings = dict(data_dir=str(assets["shards"]), max_steps=16, micro_batch_size=8,
                     lr=2.0e-3, warmup_steps=2, log_every=1, eval_every=8, save_every=8,
                     num_workers=1, shuffle_buffer=16, eval_samples=None)
     settings.update(train)
     lines = [f"name: tiny", f"output_dir: {out}", f"teacher: {{path: {assets['teacher']}}}",
-             f"student: {{num_layers: 2, init: {init}, attention_dropout: 0.0}}",
+             f"student: {{num_layers: 2, init: {init}, attention_dropout: 0.0"
+             + (f", hidden_dropout: {hidden_dropout}}}" if hidden_dropout is not None else "}"),
              "objective:", *objective, "train:"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in settings.items()]
     path.write_text("\n".join(lines) + "\n")
