@@ -253,6 +253,7 @@ def pretrain(recipe) -> TrainResult:
 
     from distill_common.assets import resolve_model_dir
     from distill_common.config import to_dict
+    from distill_pretrain.calibration import calibration_for
     from distill_pretrain.objective import build_objective
     from distill_pretrain.student import build_student
     from distill_pretrain.teacher import load_teacher
@@ -283,7 +284,9 @@ def pretrain(recipe) -> TrainResult:
                             whole_word=cfg.whole_word_mask, token_counts=counts,
                             smoothing=cfg.mask_smoothing)
 
-    student = build_student(recipe.student, teacher, seed=recipe.seed)
+    student = build_student(recipe.student, teacher, seed=recipe.seed,
+                            calibration=calibration_for(recipe.student, cfg.data_dir,
+                                                        recipe.seed))
     objective = build_objective(recipe.objective, teacher, student.config)
     engine, _ = build_engine(engine_module(student, objective), cfg, world.world_size,
                              precision, world.device)

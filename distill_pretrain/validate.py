@@ -90,6 +90,11 @@ def check_student(cfg: StudentConfig, teacher_config, arch, teacher_folder) -> N
     from distill_pretrain.student import copies_teacher_layers, embedding_init_mode, \
         student_dims
 
+    if cfg.init == "pruned":
+        from distill_pretrain.prune import check_prunable
+
+        check_prunable(cfg, teacher_config, arch, teacher_folder)
+        return
     t_layers, t_hidden, t_heads = dims(teacher_config, arch)
     t_inter = getattr(teacher_config, arch.intermediate_size_key)
     d = student_dims(cfg, teacher_config, arch)

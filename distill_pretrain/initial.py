@@ -1,0 +1,63 @@
+"""`distill init RECIPE OUT`: the student exactly as `distill pretrain` would start it
+(any ``student.init``: random, teacher_layers, pruned), written as a Hugging Face folder
+(``model.safetensors``, ``config.json``, the teacher's tokenizer) plus ``init.json``: how
+it was initialised and what it kept of the teacher (layer map, heads, hidden channels,
+FFN neurons, importance scores). It can be inspected, fine-tuned as a baseline (the
+quality benchmark's undistilled students), or distilled further.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _shape(config, arch) -> dict:
+    from distill_pretrain.architectures import dims, embedding_width
+
+    layers, hidden, heads = dims(config, arch)
+    return {"layers": layers, "hidden_size": hidden, "heads": heads,
+            "intermediate_size": getattr(config, arch.intermediate_size_key),
+            "embedding_size": embedding_width(config, arch)}
+
+
+def init_record(recipe, teacher, student, record: dict) -> dict:
+    """The content of init.json."""
+    from distill_common.config import to_dict
+
+    params = sum(p.numel() for p in student.base_model.parameters())
+    return {"recipe": recipe.name, "seed": recipe.seed,
+            "teacher": {"path": str(teacher.path), **_shape(teacher.config, teacher.arch),
+                        "has_mlm_head": teacher.has_mlm_head},
+            "student": {**_shape(student.config, teacher.arch),
+                        "parameters_without_head": params},
+            "student_recipe": to_dict(recipe.student), **record}
+
+
+def write_initial_student(recipe, out_dir: str | Path) -> Path:
+    """Check the recipe, build its student (measuring the teacher on the training shards
+    when init=pruned) and write it to ``out_dir`` atomically; returns the folder."""
+    from distill_common.fsio import atomic_dir, atomic_write_json
+    from distill_pretrain import data as D
+    from distill_pretrain.calibration import calibration_for
+    from distill_pretrain.student import initialise_student
+    from distill_pretrain.teacher import load_teacher
+    from distill_pretrain.validate import validate_recipe
+
+    validate_recipe(recipe)
+    calibration = calibration_for(recipe.student, recipe.train.data_dir, recipe.seed)
+    teacher = load_teacher(recipe.teacher)
+    if calibration is not None:  # the shards' ids must be the teacher's vocabulary
+        D.check_tokenizer(D.load_manifest(calibration.data_dir), teacher.tokenizer,
+                          calibration.data_dir, str(teacher.path))
+    student, record = initialise_student(recipe.student, teacher, seed=recipe.seed,
+                                         calibration=calibration)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        teacher.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "init.json", init_record(recipe, teacher, student, record))
+    log.info("initial student (%s) -> %s", record["init"], out_dir)
+    return out_dir
