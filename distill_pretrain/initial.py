@@ -48,10 +48,16 @@ def write_initial_student(recipe, out_dir: str | Path) -> Path:
 
     validate_recipe(recipe)
     calibration = calibration_for(recipe.student, recipe.train.data_dir, recipe.seed)
+    if calibration is not None:  # before loading the teacher: shards of its vocabulary
+        from transformers import AutoTokenizer
+
+        from distill_common.assets import resolve_model_dir
+
+        folder = resolve_model_dir(recipe.teacher.path)
+        D.check_tokenizer(D.load_manifest(calibration.data_dir),
+                          AutoTokenizer.from_pretrained(folder), calibration.data_dir,
+                          str(folder))
     teacher = load_teacher(recipe.teacher)
-    if calibration is not None:  # the shards' ids must be the teacher's vocabulary
-        D.check_tokenizer(D.load_manifest(calibration.data_dir), teacher.tokenizer,
-                          calibration.data_dir, str(teacher.path))
     student, record = initialise_student(recipe.student, teacher, seed=recipe.seed,
                                          calibration=calibration)
     out_dir = Path(out_dir)

@@ -33,10 +33,6 @@ from distill_pretrain.importance import Importance, measure_importance
 log = logging.getLogger(__name__)
 
 
-class PruneError(RecipeValidationError):
-    """The student cannot be pruned out of this teacher; names the key and the fix."""
-
-
 @dataclass(frozen=True)
 class HeadLayout:
     """How the student's heads are formed from the teacher's."""
@@ -51,32 +47,32 @@ class HeadLayout:
         return self.head_size // self.teacher_head_size if self.mode == "merged" else 1
 
 
+def _fail(key: str, message: str) -> None:
+    raise RecipeValidationError(f"{key}: {message}")
+
+
 def head_layout(hidden: int, heads: int, teacher_hidden: int, teacher_heads: int) -> HeadLayout:
-    """The layout for a student of ``hidden`` width and ``heads`` heads; raises PruneError
-    when the teacher's heads cannot form them."""
+    """The layout for a student of ``hidden`` width and ``heads`` heads; raises
+    RecipeValidationError when the teacher's heads cannot form them."""
     t_size = teacher_hidden // teacher_heads
     if hidden % heads:
-        raise PruneError(f"student.num_heads: {heads} heads do not divide hidden_size="
-                         f"{hidden}; with init=pruned leave num_heads unset to keep the "
-                         f"teacher's head size {t_size} (then hidden_size must be a multiple "
-                         f"of {t_size})")
+        _fail("student.num_heads", f"{heads} heads do not divide hidden_size={hidden}; with "
+                                   f"init=pruned leave num_heads unset to keep the teacher's "
+                                   f"head size {t_size} (then hidden_size must be a multiple "
+                                   f"of {t_size})")
     size = hidden // heads
     mode = "kept" if size == t_size else "truncated" if size < t_size else "merged"
     if mode == "merged" and size % t_size:
-        raise PruneError(f"student.num_heads: head size {size} (hidden_size {hidden} / "
-                         f"{heads} heads) is wider than the teacher's {t_size} but not a "
-                         f"multiple of it; use a head size of {t_size}, a multiple of it, or "
-                         f"a smaller one")
+        _fail("student.num_heads", f"head size {size} (hidden_size {hidden} / {heads} heads) "
+                                   f"is wider than the teacher's {t_size} but not a multiple "
+                                   f"of it; use a head size of {t_size}, a multiple of it, or "
+                                   f"a smaller one")
     layout = HeadLayout(mode, heads, size, t_size)
     if heads * layout.teacher_heads_per_head > teacher_heads:
-        raise PruneError(f"student.num_heads: {heads} heads of size {size} need "
-                         f"{heads * layout.teacher_heads_per_head} teacher heads, the teacher "
-                         f"has {teacher_heads}; use fewer or wider heads")
+        _fail("student.num_heads", f"{heads} heads of size {size} need "
+                                   f"{heads * layout.teacher_heads_per_head} teacher heads, the "
+                                   f"teacher has {teacher_heads}; use fewer or wider heads")
     return layout
-
-
-def _fail(key: str, message: str) -> None:
-    raise PruneError(f"{key}: {message}")
 
 
 def check_prunable(cfg: StudentConfig, teacher_config, arch, teacher_folder) -> None:
@@ -244,8 +240,8 @@ def _plan_on_rank_zero(cfg: StudentConfig, teacher, calibration) -> tuple[PruneP
     if error is not None:
         raise error
     if message is not None:
-        raise PruneError(f"student.init=pruned: rank 0 could not measure the teacher's "
-                         f"importance: {message}")
+        _fail("student.init", f"pruned: rank 0 could not measure the teacher's importance: "
+                              f"{message}")
     return result
 
 
@@ -256,9 +252,9 @@ def prune_into(student, cfg: StudentConfig, teacher, calibration) -> dict:
     from distill_pretrain.prune_slice import copy_pruned_weights
 
     if calibration is None:
-        raise PruneError("student.init=pruned measures the teacher on a calibration sample "
-                         "of the training shards, and none was given: set train.data_dir "
-                         "(or prep.output_dir) to the shards of `distill prep`")
+        _fail("student.init", "pruned measures the teacher on a calibration sample of the "
+                              "training shards, and none was given: set train.data_dir (or "
+                              "prep.output_dir) to the shards of `distill prep`")
     plan, summary = _plan_on_rank_zero(cfg, teacher, calibration)
     copy_pruned_weights(student, teacher, plan)
     heads = summary["heads"]

@@ -18,7 +18,7 @@ from torch import nn
 from distill_pretrain.architectures import ARCHITECTURES, layer_list
 from distill_pretrain.config import RecipeValidationError, StudentConfig, TeacherConfig
 from distill_pretrain.importance import measure_importance
-from distill_pretrain.prune import PruneError, plan_pruning
+from distill_pretrain.prune import plan_pruning
 from distill_pretrain.student import build_student, initialise_student
 from distill_pretrain.teacher import load_teacher
 from distill_pretrain.validate import check_student
@@ -289,7 +289,7 @@ def test_pruned_settings_are_checked_in_the_config():
 
 
 def test_pruning_without_calibration_names_the_data_setting(teachers):
-    with pytest.raises(PruneError, match="train.data_dir"):
+    with pytest.raises(RecipeValidationError, match="train.data_dir"):
         build_student(StudentConfig(num_layers=2, init="pruned"), teachers["bert"])
 
 
@@ -309,6 +309,7 @@ def _build_on_rank(rank: int, world: int, port: int, teacher_dir: str, out: str)
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_builds_rank_zeros_student(teachers, tmp_path, free_port):
     import torch.multiprocessing as mp
 
