@@ -62,6 +62,10 @@ class StudentConfig:
     teacher_layers' default); default importance. teacher_layers overrides both."""
     calibration_samples: int = 256
     """init=pruned: training-shard sequences the teacher's activations are measured on."""
+    prune_depth: Optional[int] = None
+    """init=pruned: cut the student from teacher layers 1..prune_depth only (default: all
+    of them). With an objective on an upper-middle teacher layer k (the teacher then runs
+    k layers only), prune_depth=k cuts the student from the layers that run."""
     embedding_init: str = "auto"
     """auto | copy | svd | random. auto: copy at the teacher's width, else svd (the
     teacher's embeddings projected on their top singular directions)."""
@@ -98,6 +102,14 @@ class StudentConfig:
                   "drop one of the two")
         check(self.calibration_samples >= 1, "calibration_samples",
               f"must be >= 1, got {self.calibration_samples}")
+        if self.prune_depth is not None:
+            check(self.init == "pruned", "prune_depth",
+                  f"is only read with init=pruned (got init={self.init}); drop it")
+            check(self.prune_depth >= self.num_layers, "prune_depth",
+                  f"{self.prune_depth} teacher layers cannot give num_layers="
+                  f"{self.num_layers} student layers")
+            check(max(self.teacher_layers or [1]) <= self.prune_depth, "teacher_layers",
+                  f"{self.teacher_layers} go deeper than prune_depth={self.prune_depth}")
         for name in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             check(value is None or 0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
@@ -243,7 +255,8 @@ class ObjectiveConfig:
     mlm: Optional[MLMConfig] = None
     """Student masked-LM cross-entropy."""
     hidden_cosine: Optional[LastLayerConfig] = None
-    """DistilBERT: 1 - cos(student, teacher) hidden states (equal widths)."""
+    """DistilBERT: 1 - cos(student, teacher) hidden states (equal widths; a narrower
+    student.init=pruned student is compared with the teacher channels it kept)."""
     hidden_mse: Optional[LayerMapConfig] = None
     """TinyBERT: MSE(student hidden W_h, teacher hidden), W_h learned when widths differ."""
     attention_score_mse: Optional[LayerMapConfig] = None

@@ -31,6 +31,7 @@ from distill_pretrain.architectures import (Architecture, apply_mlm_head, archit
 from distill_pretrain.capture import Captured, CapturePlan, capture, truncated
 from distill_pretrain.config import (LastLayerConfig, LayerMapConfig, ObjectiveConfig,
                                      RecipeValidationError, parse_layer_choice)
+from distill_pretrain.prune import TEACHER_CHANNELS_KEY
 
 
 # ------------------------------------------------------------------ outputs
@@ -166,9 +167,13 @@ class DistillationObjective(nn.Module):
 
     def __init__(self, cfg: ObjectiveConfig, teacher_shape: ModelShape,
                  student_shape: ModelShape, teacher_arch: Architecture,
-                 student_arch: Architecture, teacher_has_head: bool):
+                 student_arch: Architecture, teacher_has_head: bool,
+                 teacher_channels: Optional[list[int]] = None):
         super().__init__()
         self.cfg = cfg
+        # A pruned student's hidden channel j is the teacher's teacher_channels[j]: hidden
+        # cosine compares it with those channels of the teacher (None: equal widths).
+        self.teacher_channels = teacher_channels
         self.teacher_shape, self.student_shape = teacher_shape, student_shape
         self.teacher_arch, self.student_arch = teacher_arch, student_arch
         self.projections = nn.ModuleDict()
@@ -232,9 +237,11 @@ class DistillationObjective(nn.Module):
     def _add_hidden_cosine(self, section, pairs) -> None:
         (s_layer, t_layer), = pairs
         self._capture(student_hidden=[s_layer], teacher_hidden=[t_layer])
+        kept = self.teacher_channels
         self.terms.append(Term(
             "hidden_cosine", section.weight,
-            target=lambda t, mask: t.captured.hidden[t_layer],
+            target=lambda t, mask: t.captured.hidden[t_layer] if kept is None
+            else t.captured.hidden[t_layer][..., kept],
             compute=lambda s, target, mask, labels: losses.hidden_cosine(
                 s.captured.hidden[s_layer], target, mask)))
 
@@ -449,9 +456,13 @@ def build_objective(cfg: ObjectiveConfig, teacher, student_config) -> Distillati
     teacher_shape = ModelShape(teacher.num_layers, teacher.hidden_size, teacher.num_heads,
                                embedding_width(teacher.config, teacher.arch))
     student_shape = ModelShape.of(student_config, student_arch)
+    channels = getattr(student_config, TEACHER_CHANNELS_KEY, None)
+    if student_shape.hidden_size == teacher_shape.hidden_size:
+        channels = None
     check_objective(cfg, teacher_shape=teacher_shape, student_shape=student_shape,
                     teacher_has_head=teacher.has_mlm_head, teacher_folder=teacher.path,
                     teacher_vocab=teacher.config.vocab_size,
-                    student_vocab=student_config.vocab_size)
+                    student_vocab=student_config.vocab_size,
+                    student_pruned=channels is not None)
     return DistillationObjective(cfg, teacher_shape, student_shape, teacher.arch,
-                                 student_arch, teacher.has_mlm_head)
+                                 student_arch, teacher.has_mlm_head, channels)

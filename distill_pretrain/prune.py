@@ -32,6 +32,10 @@ from distill_pretrain.importance import Importance, measure_importance
 
 log = logging.getLogger(__name__)
 
+TEACHER_CHANNELS_KEY = "distill_teacher_hidden_channels"
+"""Attribute of a width-pruned student's Hugging Face config (saved in config.json): the
+teacher hidden channel each of its channels was cut from (objective.hidden_cosine)."""
+
 
 @dataclass(frozen=True)
 class HeadLayout:
@@ -94,6 +98,9 @@ def check_prunable(cfg: StudentConfig, teacher_config, arch, teacher_folder) -> 
     bad = [k for k in cfg.teacher_layers or [] if not 1 <= k <= t_layers]
     if bad:
         _fail("student.teacher_layers", f"layers {bad} are outside 1..{t_layers} ({where})")
+    if (cfg.prune_depth or 0) > t_layers:
+        _fail("student.prune_depth", f"{cfg.prune_depth} is deeper than {where} "
+                                     f"({t_layers} layers)")
     head_layout(d["hidden_size"], d["num_heads"], t_hidden, t_heads)
     if cfg.embedding_init != "auto":
         _fail("student.embedding_init", f"{cfg.embedding_init} is not used with init=pruned "
@@ -139,9 +146,10 @@ def choose_layers(cfg: StudentConfig, block_importance: torch.Tensor) -> tuple[l
 
     if cfg.teacher_layers is not None:
         return list(cfg.teacher_layers), "teacher_layers"
+    depth = cfg.prune_depth or len(block_importance)
     if (cfg.layer_selection or "importance") == "even":
-        return default_teacher_layers(cfg.num_layers, len(block_importance)), "even"
-    return [k + 1 for k in top(block_importance, cfg.num_layers)], "importance"
+        return default_teacher_layers(cfg.num_layers, depth), "even"
+    return [k + 1 for k in top(block_importance[:depth], cfg.num_layers)], "importance"
 
 
 def _head_groups(scores: torch.Tensor, layout: HeadLayout) -> list[list[int]]:
@@ -210,7 +218,8 @@ def plan_summary(plan: PrunePlan, importance: Importance, layout: HeadLayout,
         "heads": {"formed": layout.mode, "heads": layout.heads, "head_size": layout.head_size,
                   "teacher_head_size": layout.teacher_head_size,
                   "shared_across_layers": len({str(g) for g in plan.head_groups}) == 1,
-                  "teacher_heads": plan.head_groups,
+                  "teacher_heads": plan.head_groups if layout.mode == "merged"
+                  else [sum(groups, []) for groups in plan.head_groups],
                   "importance_kept": [_share(importance.heads[r], sum(g, []))
                                       for r, g in zip(rows, plan.head_groups)],
                   "importance": _rounded(importance.heads)},
@@ -257,6 +266,8 @@ def prune_into(student, cfg: StudentConfig, teacher, calibration) -> dict:
                               "prep.output_dir) to the shards of `distill prep`")
     plan, summary = _plan_on_rank_zero(cfg, teacher, calibration)
     copy_pruned_weights(student, teacher, plan)
+    if len(plan.hidden) < teacher.hidden_size:
+        setattr(student.config, TEACHER_CHANNELS_KEY, plan.hidden)
     heads = summary["heads"]
     log.info("student pruned from the teacher: layers %s (%s), hidden %d/%d channels "
              "(%.0f%% of their importance), %d heads of size %d per layer (%s from the "

@@ -29,8 +29,10 @@ def _fail(key: str, message: str) -> None:
 def check_objective(cfg: ObjectiveConfig, *, teacher_shape: ModelShape,
                     student_shape: ModelShape, teacher_has_head: bool,
                     teacher_folder: Path | str, teacher_vocab: int,
-                    student_vocab: int) -> None:
-    """Every active term fits this teacher and student; raises RecipeValidationError."""
+                    student_vocab: int, student_pruned: bool = False) -> None:
+    """Every active term fits this teacher and student; raises RecipeValidationError.
+    ``student_pruned``: the student's hidden channels are cut out of the teacher's (a
+    narrower hidden cosine compares them with those teacher channels)."""
     active = cfg.active()
     if not active:
         _fail("objective", "no objective is set; set at least one section, e.g. "
@@ -64,11 +66,12 @@ def check_objective(cfg: ObjectiveConfig, *, teacher_shape: ModelShape,
                   f"{student_shape.num_heads}; set student.num_heads="
                   f"{teacher_shape.num_heads} if it divides the student width, or use "
                   f"objective.qkv_relation_kl (MiniLMv2), which works across head counts")
-    if "hidden_cosine" in active and student_shape.hidden_size != teacher_shape.hidden_size:
+    if "hidden_cosine" in active and student_shape.hidden_size != teacher_shape.hidden_size \
+            and not student_pruned:
         _fail("objective.hidden_cosine",
               f"needs equal widths (teacher {teacher_shape.hidden_size}, student "
-              f"{student_shape.hidden_size}); use objective.hidden_mse, which learns a "
-              f"projection")
+              f"{student_shape.hidden_size}) or a student pruned out of the teacher "
+              f"(student.init=pruned); use objective.hidden_mse, which learns a projection")
     relation = cfg.qkv_relation_kl
     if relation is not None:
         r = relation.relation_heads
@@ -172,5 +175,6 @@ def validate_recipe(recipe) -> None:
                     student_shape=ModelShape.of(student_config, student_arch),
                     teacher_has_head=has_mlm_head(folder, arch), teacher_folder=folder,
                     teacher_vocab=hf_config.vocab_size,
-                    student_vocab=student_config.vocab_size)
+                    student_vocab=student_config.vocab_size,
+                    student_pruned=recipe.student.init == "pruned")
     _check_data_tokenizer(recipe, folder)

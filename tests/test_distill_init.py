@@ -175,3 +175,38 @@ def test_pretrain_starts_from_a_pruned_student_on_two_ranks(assets, tmp_path):
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert config["hidden_size"] == 48 and config["num_attention_heads"] == 3
     assert np.isfinite(list(curve(tmp_path).values())).all()
+
+
+# The offline assets' shapes (config.json of all-mpnet-base-v2 and all-MiniLM-L6-v2).
+MPNET_BASE = dict(model_type="mpnet", hidden_size=768, num_hidden_layers=12,
+                  num_attention_heads=12, intermediate_size=3072, vocab_size=30527,
+                  max_position_embeddings=514, relative_attention_num_buckets=32)
+MINILM_L6 = dict(model_type="bert", hidden_size=384, num_hidden_layers=6,
+                 num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
+
+
+@pytest.mark.parametrize("name, shape, student", [
+    ("mpnet-6x384-pruned", MPNET_BASE, (6, 384, 6, 1536)),
+    ("minilm-4x256-pruned", MINILM_L6, (4, 256, 8, 512)),
+])
+def test_shipped_pruned_recipes_fit_their_teachers(name, shape, student, tmp_path):
+    """Checked against a stand-in of the asset (its config.json, weights without an MLM
+    head): what `distill config validate` checks, without fetching the real model."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from distill_cli.recipe import load_recipe
+    from distill_pretrain.architectures import architecture_of
+    from distill_pretrain.student import student_dims
+    from distill_pretrain.validate import validate_recipe
+
+    config = AutoConfig.for_model(**shape)
+    config.save_pretrained(tmp_path)
+    save_file({"embeddings.word_embeddings.weight": torch.zeros(1)},
+              str(tmp_path / "model.safetensors"))
+    recipe = load_recipe(name, [f"teacher.path={tmp_path}"])
+    validate_recipe(recipe)
+    d = student_dims(recipe.student, config, architecture_of(config))
+    assert (d["num_layers"], d["hidden_size"], d["num_heads"], d["intermediate_size"]) == \
+        student
+    assert recipe.student.init == "pruned" and recipe.objective.hidden_cosine is not None

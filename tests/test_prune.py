@@ -238,6 +238,10 @@ def test_layer_selection_importance_even_or_given(teachers):
     assert plan_pruning(even, teacher, importance)[0].layers == [1, 3]
     given = StudentConfig(num_layers=2, init="pruned", teacher_layers=[3, 2])
     assert plan_pruning(given, teacher, importance)[0].layers == [3, 2]
+    shallow = StudentConfig(num_layers=2, init="pruned", prune_depth=2)  # teacher cut at 2
+    assert plan_pruning(shallow, teacher, importance)[0].layers == [1, 2]
+    even = StudentConfig(num_layers=2, init="pruned", layer_selection="even", prune_depth=2)
+    assert plan_pruning(even, teacher, importance)[0].layers == [1, 2]
 
 
 def test_importance_and_student_are_deterministic(teachers):
@@ -254,6 +258,38 @@ def test_importance_and_student_are_deterministic(teachers):
     assert not all(torch.equal(s1[k], v) for k, v in other.state_dict().items())
 
 
+def test_hidden_cosine_compares_a_narrow_pruned_student_with_the_channels_it_kept(teachers,
+                                                                                  tmp_path):
+    from distill_pretrain.config import LastLayerConfig, ObjectiveConfig
+    from distill_pretrain.objective import DistillModule, build_objective
+    from distill_pretrain.prune import TEACHER_CHANNELS_KEY
+
+    teacher = teachers["bert"]
+    cfg = StudentConfig(num_layers=2, hidden_size=24, init="pruned")
+    plan = plan_for(cfg, teacher)
+    student = build_student(cfg, teacher, calibration=CALIBRATION).eval()
+    objective_cfg = ObjectiveConfig(hidden_cosine=LastLayerConfig(teacher_layer="2"))
+    objective = build_objective(objective_cfg, teacher, student.config)
+    assert objective.teacher_channels == plan.hidden
+    batch = CALIBRATION[0]
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with torch.no_grad():
+        out = DistillModule(student, objective)(
+            ids, mask, labels, objective.teacher_forward(teacher, ids, mask, labels))
+        s_last = forward(student, batch).hidden_states[-1]
+        t_layer2 = forward(teacher.model, batch).hidden_states[2][..., plan.hidden]
+    cos = nn.functional.cosine_similarity(s_last, t_layer2, dim=-1)[mask.bool()]
+    torch.testing.assert_close(out.parts["hidden_cosine"], (1 - cos).mean())
+    student.save_pretrained(tmp_path / "s")  # the channels travel with the student
+    from transformers import AutoConfig
+    assert getattr(AutoConfig.from_pretrained(tmp_path / "s"), TEACHER_CHANNELS_KEY) == \
+        plan.hidden
+    random_student = build_student(StudentConfig(num_layers=2, hidden_size=24,
+                                                 init="random"), teacher)
+    with pytest.raises(RecipeValidationError, match="objective.hidden_cosine"):
+        build_objective(objective_cfg, teacher, random_student.config)
+
+
 # --- refusals -----------------------------------------------------------------------------
 
 
@@ -266,6 +302,7 @@ def test_importance_and_student_are_deterministic(teachers):
     (dict(hidden_size=16, num_heads=1, num_layers=2), None),  # 16 = 2 x 8: merged, fine
     (dict(embedding_init="svd"), "student.embedding_init"),
     (dict(num_layers=2, teacher_layers=[1, 9]), "student.teacher_layers"),
+    (dict(num_layers=2, prune_depth=4), "student.prune_depth"),
 ])
 def test_unprunable_students_are_refused_from_the_config_alone(fields, key, teachers):
     teacher = teachers["bert"]
@@ -286,6 +323,10 @@ def test_pruned_settings_are_checked_in_the_config():
                       num_layers=2)
     with pytest.raises(ValueError, match="calibration_samples"):
         StudentConfig(init="pruned", calibration_samples=0)
+    with pytest.raises(ValueError, match="prune_depth"):
+        StudentConfig(init="pruned", num_layers=3, prune_depth=2)
+    with pytest.raises(ValueError, match="prune_depth"):
+        StudentConfig(init="teacher_layers", prune_depth=3)
 
 
 def test_pruning_without_calibration_names_the_data_setting(teachers):
