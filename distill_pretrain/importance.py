@@ -3,7 +3,8 @@ calibration sample (activation-based importance, as in Minitron: Muralidharan et
 2024). One forward pass per batch with hooks; only real (non-padding) tokens count.
 
 - hidden channel c: mean |x_c| of the hidden states between layers (every layer's input
-  and the last layer's output, all after a LayerNorm), summed over those L + 1 states;
+  and the last layer's output, LayerNorm outputs but for ELECTRA's projected embeddings),
+  summed over those L + 1 states;
 - head h of layer l: mean || W_o[:, h] c_h ||_2, the norm of the head's contribution to
   the attention output projection (c_h: the head's slice of the attention context);
 - query/key channel: mean |q_c| * mean |k_c|; value channel: mean |c_c| * ||W_o[:, c]||

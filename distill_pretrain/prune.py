@@ -3,7 +3,8 @@
 matters most on a calibration sample of the training shards (``importance.py``):
 
 - layers: the ``num_layers`` with the highest block importance (``layer_selection:
-  importance``), evenly spaced ones (``even``), or ``teacher_layers``;
+  importance``), evenly spaced ones (``even``), or ``teacher_layers``; among teacher
+  layers 1..``prune_depth`` when the objective runs a truncated teacher;
 - hidden channels: one kept set for the embeddings, every LayerNorm, every projection's
   input and output and the MLM head (whose decoder is tied to the embeddings);
 - heads, per layer (MPNet: one set for all layers, as its relative attention bias is

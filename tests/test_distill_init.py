@@ -12,21 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import conftest
 from distill_pretrain import data as D
 from distill_pretrain.calibration import CalibrationSample, calibration_for
 from distill_pretrain.config import StudentConfig, TeacherConfig
-from test_data_loader import save_wordpiece_tokenizer, write_shards
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("init_assets")
-    tok = save_wordpiece_tokenizer(root / "tokenizer")
-    teacher = conftest._save_tiny_bert(root / "teacher", tok, with_head=True)
-    shards = write_shards(root / "shards", tok, seq_len=32, train_shards=4,
-                          samples_per_shard=24, validation_samples=20)
-    return {"tokenizer": tok, "teacher": teacher, "shards": shards}
+from test_train import assets  # noqa: F401 - the fixture: tiny teacher, tokenizer, shards
 
 
 def _shard_of_each_sequence(shards: Path) -> dict[tuple, int]:
