@@ -91,8 +91,10 @@ def main(argv=None) -> dict:
     from distill_pretrain.config import (LastLayerConfig, LayerMapConfig, LogitKLConfig,
                                          MLMConfig, ObjectiveConfig, RelationKLConfig,
                                          StudentConfig, TeacherConfig, WeightOnlyConfig)
-    from distill_pretrain.objective import (DistillationObjective, DistillModule, ModelShape,
-                                            TeacherOutputs, build_objective)
+    from distill_pretrain.distill_module import DistillModule
+    from distill_pretrain.layer_map import ModelShape
+    from distill_pretrain.objective import DistillationObjective, build_objective
+    from distill_pretrain.objective_outputs import TeacherOutputs
     from distill_pretrain.architectures import apply_mlm_head
     from distill_pretrain.losses import soft_targets
     from distill_pretrain.student import build_student

@@ -104,7 +104,7 @@ def main() -> int:
                 "--cluster", args.cluster)
     timings["a_prep_pretrain_s"] = round(time.perf_counter() - t0, 1)
 
-    from distill_cli.recipe import load_recipe
+    from launcher.recipe import load_recipe
     from distill_common.assets import resolve_model_dir
     recipe_a = load_recipe(args.recipe, a_overrides)
 
@@ -272,14 +272,14 @@ def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
 
 def _probe_data(task_name: str, cfg):
     """(task data with the training subset the fine-tuning used, its hyperparameters)."""
-    from finetune.data import load_task_data
+    from finetune.data import cap_train_split, load_task_data
     from finetune.tasks import load_task
-    from finetune.train import _train_subset, resolve_hparams
+    from finetune.train import resolve_hparams
 
     task = load_task(task_name)
     hp = resolve_hparams(task, cfg)
     data = load_task_data(task)
-    _train_subset(data, hp, task)
+    cap_train_split(data, hp.max_train_examples, task.split.seed)
     return data, hp
 
 

@@ -24,7 +24,8 @@ from data_prep.packing import pack_stream, piece_bounds, sentence_starts, split_
 from data_prep.plan import DROP, TRAIN, ChunkSpec
 from data_prep.scan import read_spill, spill_name
 from data_prep.shards import Output, write_shard
-from data_prep.sources import ReadOptions, read_unit
+from data_prep.readers import read_unit
+from data_prep.sources import ReadOptions
 from data_prep.tokenizer import TokenizerSpec, build_encoder
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ def _source_texts(spec: ChunkSpec, ctx: ChunkContext) -> Iterator[tuple[int, Opt
     for assign, item in zip(spec.assign, items):  # assign first: zip then stops without
         # pulling one item too many from the reader (which keeps its place for the next chunk)
         seen += 1
+        if assign != DROP and item.reason is not None:  # good in pass 1, bad now
+            raise PrepError(f"{item.message.split('; fix:')[0]}, but it read fine in the "
+                            f"first pass: it changed during prep; rerun")
         yield assign, None if assign == DROP else normalize_text(item.text)
     if seen != n_items:
         raise PrepError(f"{spec.unit.label}: has {spec.start + seen} documents now but "

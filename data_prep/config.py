@@ -10,8 +10,8 @@ from distill_common.config import check, check_choice
 # Config fields that change the bytes of the shards; the rest (workers, output_dir,
 # progress) may differ between a run and its resume.
 OUTPUT_FIELDS = ("sources", "seq_len", "holdout", "validation_fraction", "min_tokens",
-                 "on_error", "docs_per_shard", "doc_split", "sentence_split", "text_field",
-                 "id_field", "format", "tokenizer")
+                 "on_error", "max_line_bytes", "docs_per_shard", "doc_split", "sentence_split",
+                 "text_field", "id_field", "format", "tokenizer")
 
 
 @dataclass
@@ -36,9 +36,16 @@ class PrepConfig:
     min_tokens: int = 8
     """Documents with fewer tokens (no special tokens) are dropped (`dropped.too_short`)."""
     on_error: str = "raise"
-    """Bad input (unreadable file, invalid UTF-8, bad JSON line, missing text field):
-    `raise` stops with an error naming the file and line; `skip` skips it and counts it
-    in the manifest's `dropped`."""
+    """Bad input (a file that cannot be read to its end, such as a corrupt or cut-short
+    archive; invalid UTF-8; a bad JSON line or one without a string `text_field`; an
+    empty or whitespace-only file; a line over `max_line_bytes`): `raise` stops with an
+    error naming the file, the line and the fix; `skip` skips it and counts it in the
+    manifest (`dropped` by reason, and per file under `sources[].bad_input`). A file that
+    cannot be read to its end is skipped whole."""
+    max_line_bytes: int = 16 << 20
+    """Longest line (one document, or one JSONL record) read, in bytes; a longer one is
+    bad input (`too_long`) and is never held in memory whole. Also caps a `blank_line`
+    document and a Parquet/`datasets` text."""
     docs_per_shard: int = 20000
     """Input documents per work unit; each unit writes one train and one validation
     shard. Fixed by the data, not by the number of workers, so shards are identical
@@ -76,6 +83,8 @@ class PrepConfig:
               f"must be in [0, 1), got {self.validation_fraction}")
         check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
         check_choice(self.on_error, "on_error", ["raise", "skip"])
+        check(self.max_line_bytes >= 1024, "max_line_bytes",
+              f"must be >= 1024, got {self.max_line_bytes}")
         check(self.docs_per_shard >= 1, "docs_per_shard",
               f"must be >= 1, got {self.docs_per_shard}")
         check_choice(self.doc_split, "doc_split", ["line", "blank_line"])

@@ -105,15 +105,24 @@ def _call(fn: Callable, item: Any, shared: Any) -> Any:
 
 
 def _get(ref) -> Any:
+    """The task's result; a user error raised in a worker comes back as the same one-line
+    PrepError, a worker killed under the task (out of memory, crashed) as a PrepError
+    with the fix. Anything else is a bug and keeps its traceback."""
     import ray
 
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
-        if isinstance(cause, PrepError):  # a user error raised in a worker: show it plainly
+        if isinstance(cause, PrepError):
             raise PrepError(str(cause)) from None
         raise
+    except (ray.exceptions.OutOfMemoryError, ray.exceptions.WorkerCrashedError) as err:
+        what = "ran out of memory" if isinstance(err, ray.exceptions.OutOfMemoryError) \
+            else "lost its worker process"
+        raise PrepError(f"prep: a Ray task {what} (twice: it is retried once); fix: lower "
+                        f"--workers (or prep.workers) or prep.docs_per_shard, or give the "
+                        f"nodes more memory; rerun to reuse the finished chunks") from None
 
 
 @contextlib.contextmanager

@@ -106,7 +106,7 @@ def plan_chunks(units: list[Unit], scans: list[UnitScan], docs_per_shard: int,
         for start in range(0, scan.n_items, docs_per_shard):
             stop = min(start + docs_per_shard, scan.n_items)
             h = hashlib.sha256(base.encode())
-            h.update(json.dumps([unit.kind, unit.location, start, stop]).encode())
+            h.update(json.dumps([unit.kind, unit.label, start, stop]).encode())
             h.update(assign[start:stop].tobytes())
             h.update(scan.digests[start:stop].tobytes())
             kept = assign[start:stop] != DROP

@@ -25,14 +25,18 @@ from data_prep.chunk import (SPLITS, ChunkContext, ChunkResult, empty_result, lo
 from data_prep.config import OUTPUT_FIELDS, PrepConfig
 from data_prep.errors import PrepError
 from data_prep.executor import executor
+from data_prep.lines import missing_codec
 from data_prep.manifest import FORMAT_VERSION, MANIFEST, TOKEN_COUNTS
 from data_prep.packing import pack_final
 from data_prep.plan import (ChunkSpec, dropped_counts, mark_duplicates, plan_chunks,
                             work_order)
-from data_prep.scan import SPILL_DIR, UnitScan, load_holdout, scan_unit
+from data_prep.scan import (BAD_REASONS, SPILL_DIR, STATUS_CODE, STATUS_NAMES, UnitScan,
+                            load_holdout, scan_unit)
 from data_prep.shards import Output, npy_bytes, write_shard
 from data_prep.sources import ReadOptions, Unit, resolve_sources
 from data_prep.tokenizer import TokenizerSpec, load_tokenizer_spec
+from distill_common.folder_lock import FolderLock
+from distill_common.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,10 @@ def _scan_task(unit: Unit, shared: tuple) -> UnitScan:
 
 def _fingerprint_base(cfg: PrepConfig, tok: TokenizerSpec) -> dict:
     return {"format_version": FORMAT_VERSION,
-            "config": {f: getattr(cfg, f) for f in OUTPUT_FIELDS},
+            # URLs redacted: a re-signed URL of the same file reuses its chunks (whose
+            # fingerprints also cover every document's hash)
+            "config": {f: getattr(cfg, f) for f in OUTPUT_FIELDS}
+            | {"sources": [redact_url(s) for s in cfg.sources]},
             "tokenizer": tok.manifest_entry()}
 
 
@@ -115,14 +122,39 @@ def _finish_split(out: Output, split: str, results: list[ChunkResult], tok: Toke
             "shards": entries}
 
 
+def _bad_input(unit: Unit, scan: UnitScan) -> Optional[dict]:
+    """What of ``unit`` was skipped as bad input: counts by reason and the first message
+    of each reason; None when nothing was."""
+    counts = np.bincount(scan.status, minlength=len(STATUS_NAMES))
+    skipped = {name: int(counts[STATUS_CODE[name]]) for name in BAD_REASONS
+               if counts[STATUS_CODE[name]]}
+    if not skipped:
+        return None
+    return {"file": unit.label, "skipped": skipped,
+            "first": {r: scan.first_errors[r] for r in skipped if r in scan.first_errors}}
+
+
 def _source_entries(sources: list, scans: list[UnitScan]) -> list[dict]:
     entries, i = [], 0
     for s in sources:
-        n = sum(scan.n_items for scan in scans[i:i + len(s.units)])
-        entries.append({"source": s.spec, "files": s.files, "documents": int(n)}
+        unit_scans = list(zip(s.units, scans[i:i + len(s.units)]))
+        n = sum(scan.n_items for _, scan in unit_scans)
+        bad = [b for u, scan in unit_scans if (b := _bad_input(u, scan)) is not None]
+        entries.append({"source": redact_url(s.spec), "files": s.files, "documents": int(n)}
+                       | ({"bad_input": bad} if bad else {})
                        | ({"skipped": s.error} if s.error else {}))
         i += len(s.units)
     return entries
+
+
+def _recorded_config(cfg: PrepConfig, tokenizer_path: str) -> dict:
+    """The config as the manifest keeps it: URLs without query strings or credentials."""
+    config = dataclasses.asdict(cfg) | {"tokenizer": cfg.tokenizer or tokenizer_path}
+    config["sources"] = [redact_url(s) for s in config["sources"]]
+    for key in ("output_dir", "holdout", "tokenizer"):
+        if config[key]:
+            config[key] = redact_url(config[key])
+    return config
 
 
 def _finish(out: Output, cfg: PrepConfig, tok: TokenizerSpec, tokenizer_path: str,
@@ -153,7 +185,7 @@ def _finish(out: Output, cfg: PrepConfig, tok: TokenizerSpec, tokenizer_path: st
         "documents": {"read": int(sum(s.n_items for s in scans)),
                       "kept": sum(splits[s]["documents"] for s in SPLITS),
                       **{s: splits[s]["documents"] for s in SPLITS}},
-        "config": dataclasses.asdict(cfg) | {"tokenizer": cfg.tokenizer or tokenizer_path},
+        "config": _recorded_config(cfg, tokenizer_path),
         "fingerprint": hashlib.sha256(
             "".join(c.fingerprint for c in chunks).encode()).hexdigest(),
     }
@@ -164,13 +196,36 @@ def run_prep(cfg: PrepConfig, tokenizer_path: str, *, ray_address: Optional[str]
     """Prepare shards as ``cfg`` says; returns the manifest (also written last to
     ``<output_dir>/manifest.json``). ``tokenizer_path`` is used unless ``cfg.tokenizer``
     is set (the CLI passes the recipe's ``teacher.path``). ``workers`` overrides
-    ``cfg.workers`` (0 = no Ray)."""
+    ``cfg.workers`` (0 = no Ray). A local output folder is locked for the run: a second
+    prep into it stops at once (FolderInUseUserError)."""
     started = time.perf_counter()
     if not cfg.output_dir:
         raise PrepError("prep.output_dir is not set; give a folder or an fsspec URL")
-    tok = load_tokenizer_spec(cfg.tokenizer or tokenizer_path)
-    opts = ReadOptions(cfg.doc_split, cfg.text_field, cfg.id_field, cfg.format)
     out = Output(cfg.output_dir)
+    if out.is_local:
+        with FolderLock(out.root, what="prep"):
+            return _prep(cfg, tokenizer_path, out, ray_address, workers, started)
+    if "memory" not in out.fs.protocol:
+        log.info("prep: %s is not a local folder and cannot be locked: start one prep at "
+                 "a time into it", redact_url(out.url))
+    return _prep(cfg, tokenizer_path, out, ray_address, workers, started)
+
+
+def _check_codecs(units: list[Unit]) -> None:
+    """A .zst / .lz4 file this install cannot decompress is a setup error, whatever
+    `on_error` says (it would otherwise be read as binary text)."""
+    for unit in units:
+        if package := missing_codec(unit.location):
+            raise PrepError(f"{unit.label}: reading it needs the Python package "
+                            f"`{package}`, which is not installed; fix: `pip install "
+                            f"{package}`, or decompress the file")
+
+
+def _prep(cfg: PrepConfig, tokenizer_path: str, out: Output, ray_address: Optional[str],
+          workers: Optional[int], started: float) -> dict:
+    tok = load_tokenizer_spec(cfg.tokenizer or tokenizer_path)
+    opts = ReadOptions(cfg.doc_split, cfg.text_field, cfg.id_field, cfg.format,
+                       cfg.max_line_bytes)
     out.remove(MANIFEST)  # until the new manifest is written the folder is not complete
     for folder in ("train", "validation", ".prep", SPILL_DIR):
         out.remove_stale_temps(folder)
@@ -179,6 +234,7 @@ def run_prep(cfg: PrepConfig, tokenizer_path: str, *, ray_address: Optional[str]
         if s.error:
             log.warning("prep: skipping source: %s", s.error)
     units = [u for s in sources for u in s.units]
+    _check_codecs(units)
     holdout = load_holdout(cfg.holdout)
     workers = cfg.workers if workers is None else workers
     if workers != 0 and "memory" in out.fs.protocol:
@@ -225,7 +281,8 @@ def run_prep(cfg: PrepConfig, tokenizer_path: str, *, ray_address: Optional[str]
     splits = manifest["splits"]
     log.info("prep: %d train / %d validation sequences of %d tokens (%d + %d shards) -> %s",
              splits["train"]["samples"], splits["validation"]["samples"], cfg.seq_len,
-             len(splits["train"]["shards"]), len(splits["validation"]["shards"]), out.url)
+             len(splits["train"]["shards"]), len(splits["validation"]["shards"]),
+             redact_url(out.url))
     return manifest
 
 

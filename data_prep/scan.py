@@ -21,7 +21,8 @@ from typing import Optional
 import numpy as np
 
 from data_prep.errors import PrepError
-from data_prep.sources import ReadOptions, Unit, read_unit
+from data_prep.readers import read_unit
+from data_prep.sources import SKIP_HINT, ReadOptions, Unit
 
 SPILL_DIR = ".prep/text"
 DIGEST_BYTES = 16  # of sha256(normalised text): collisions are out of reach at 2^64 docs
@@ -30,7 +31,7 @@ DIGEST_BYTES = 16  # of sha256(normalised text): collisions are out of reach at 
 # manifest's `dropped` keys.
 OK, HOLDOUT, EMPTY, DUPLICATE = 0, 1, 2, 3
 BAD_REASONS = ("invalid_utf8", "bad_json", "missing_text_field", "empty_file",
-               "unreadable_file")
+               "unreadable_file", "too_long")
 STATUS_NAMES = ("ok", "holdout", "empty", "duplicate") + BAD_REASONS
 STATUS_CODE = {name: i for i, name in enumerate(STATUS_NAMES)}
 
@@ -140,7 +141,13 @@ def scan_unit(unit: Unit, opts: ReadOptions, holdout: Holdout, docs_per_shard: i
         if item.reason is not None:
             if on_error == "raise":
                 raise PrepError(item.message)
-            first_errors.setdefault(item.reason, item.message)
+            if item.reason == "unreadable_file":
+                # What was read before may be garbage from a corrupt stream: the file is
+                # skipped whole, as one item (spill files already written are never read).
+                digests, status, chars, resume, out, texts = [], bytearray(), [], {}, None, None
+                first_errors.clear()
+            # kept for the log and the manifest, where the run already skips
+            first_errors.setdefault(item.reason, item.message.removesuffix(f", {SKIP_HINT}"))
             digests.append(zero)
             status.append(STATUS_CODE[item.reason])
             chars.append(0)

@@ -26,12 +26,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    recipe = args.load_recipe()
-    try:
-        from distill_pretrain.validate import validate_recipe
-    except ImportError:  # objectives not installed in this build
-        validate_recipe = None
-    if validate_recipe is not None:
-        validate_recipe(recipe)
+    from launcher.recipe import validate_recipe
+
+    validate_recipe(args.load_recipe())
     print(f"{args.recipe}: ok")
     return 0

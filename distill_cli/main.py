@@ -11,15 +11,10 @@ import argparse
 import logging
 import sys
 
-from distill_common.assets import AssetError
-from distill_common.config import ConfigError
+from distill_common.errors import DistillUserError
 from distill_common.logs import setup_logging
 
 log = logging.getLogger("distill")
-
-
-class UserError(RuntimeError):
-    """Anything a user can fix; printed without a traceback."""
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +26,7 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def _recipe_loader(args):
     def load():
-        from distill_cli.recipe import load_recipe
+        from launcher.recipe import load_recipe
         return load_recipe(args.recipe, args.overrides)
     return load
 
@@ -68,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         args.load_recipe = _recipe_loader(args)
     try:
         rc = args.func(args)
-    except (ConfigError, AssetError, UserError) as err:
+    except DistillUserError as err:  # one line; any other exception is a bug: traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -77,13 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `distill config show ... | head`
         sys.stderr.close()
         return 0
-    except Exception as err:  # stage errors with a user-facing message
-        if type(err).__name__.endswith(("UserError", "PrepError", "ValidationError",
-                                       "RecipeError", "LaunchError", "DataError",
-                                       "TaskError")):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
     return int(rc or 0)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from distill_common.errors import DistillUserError
 from distill_common.fsio import atomic_dir, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-class AssetError(RuntimeError):
+class AssetError(DistillUserError, RuntimeError):
     """An asset that cannot be fetched or verified; the message says how to fix it."""
 
 

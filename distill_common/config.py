@@ -17,10 +17,12 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distill_common.errors import DistillUserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(DistillUserError, ValueError):
     """A recipe or override that cannot be used; the message names file, key and fix."""
 
 

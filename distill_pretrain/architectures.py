@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from distill_common.errors import DistillUserError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -94,7 +96,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
 ]}
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(DistillUserError, ValueError):
     """The model family has no entry in ARCHITECTURES."""
 
 

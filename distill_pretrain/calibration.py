@@ -10,22 +10,36 @@ until the sample is iterated (in training, rank 0 alone measures the teacher).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from distill_pretrain import data as D
+from distill_common import manifest as shards
 from distill_pretrain.config import StudentConfig
+from distill_pretrain.data import decode_ids, read_shard
+from distill_pretrain.masking import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 SHARDS_SAMPLED = 16
-_TAG_CALIBRATION = 5  # keeps this seeded stream apart from data.py's (tags 1-4)
+_TAG_CALIBRATION = 5  # keeps this seeded stream apart from stream.py's (tags 1-4)
+
+
+def unmasked_batch(rows: Sequence[np.ndarray], seq_len: int,
+                   pad_id: int) -> dict[str, torch.Tensor]:
+    """Token id sequences -> a contract-2 batch (batch, seq_len) padded with ``pad_id``,
+    nothing masked (labels all -100)."""
+    ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    attention = np.zeros((len(rows), seq_len), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        attention[i, :len(row)] = 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attention),
+            "labels": torch.full(ids.shape, IGNORE_INDEX, dtype=torch.int64)}
 
 
 @dataclass(frozen=True)
@@ -38,14 +52,14 @@ class CalibrationSample:
     batch_size: int = 16
 
     def _sequences(self, manifest: dict) -> Iterator[np.ndarray]:
-        urls = D.shard_urls(self.data_dir, manifest, "train")
+        urls = shards.shard_urls(self.data_dir, manifest, "train")
         order = np.random.default_rng([self.seed, _TAG_CALIBRATION]).permutation(len(urls))
         per_shard = math.ceil(self.num_samples / min(len(urls), SHARDS_SAMPLED))
         vocab_size = int(manifest["tokenizer"]["vocab_size"])
         taken = 0
         for i in order:
-            for key, payload in itertools.islice(D.read_shard(urls[i]), per_shard):
-                yield D.decode_ids(payload, urls[i], key, manifest["seq_len"], vocab_size)
+            for key, payload in read_shard(urls[i], limit=per_shard):
+                yield decode_ids(payload, urls[i], key, manifest["seq_len"], vocab_size)
                 taken += 1
                 if taken == self.num_samples:
                     return
@@ -53,17 +67,17 @@ class CalibrationSample:
                     "student.calibration_samples=%d", self.data_dir, taken, self.num_samples)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        manifest = D.load_manifest(self.data_dir)
+        manifest = shards.load_manifest(self.data_dir)
         seq_len = manifest["seq_len"]
         pad_id = int(manifest["tokenizer"]["special_ids"]["pad"])
         rows = []
         for ids in self._sequences(manifest):
-            rows.append((ids, np.full_like(ids, D.IGNORE_INDEX)))
+            rows.append(ids)
             if len(rows) == self.batch_size:
-                yield D.collate(rows, seq_len, pad_id)
+                yield unmasked_batch(rows, seq_len, pad_id)
                 rows = []
         if rows:
-            yield D.collate(rows, seq_len, pad_id)
+            yield unmasked_batch(rows, seq_len, pad_id)
 
 
 def calibration_for(cfg: StudentConfig, data_dir: Optional[str],

@@ -1,35 +1,51 @@
-"""Checkpoints that a resume can trust.
+"""Checkpoints that a resume can trust, whatever happens during a save.
 
 Layout: ``<train.output_dir>/checkpoints/step-00000050/`` holds DeepSpeed's state (model,
-optimizer, LR scheduler; ZeRO partitions), ``rank-00000.pt``... (each rank's data position
-and RNG states, loaded with ``weights_only=True``), ``hf/`` (the student's Hugging Face
-config and the tokenizer, for `distill export`) and, written last and atomically,
-``complete.json``. A crash during a save leaves a folder without ``complete.json``: resume
-ignores it and the previous checkpoint is used; the next save of that step replaces it.
+optimizer, LR scheduler; ZeRO partitions), ``rank-00000.pt``... (each rank's data
+position and RNG states, loaded with ``weights_only=True``), ``hf/`` (the student's
+Hugging Face config and the tokenizer, for `distill export`) and ``complete.json``.
+
+The lifecycle, so that no signal, kill or crash at any instant loses the newest complete
+checkpoint:
+
+1. every rank writes into ``.tmp-step-00000050-<nonce>/`` (never into a final folder);
+2. each rank fsyncs and hashes its share of the files; rank 0 writes ``complete.json``
+   (the SHA-256 of every file, the step, the world size, the run's fingerprints),
+   fsynced, then renames the folder to ``step-00000050`` and fsyncs ``checkpoints/``;
+3. only then are older checkpoints beyond ``keep_last`` and stale temporary folders
+   deleted. A complete checkpoint of the same step is never replaced (a save requested
+   again right after one, e.g. by SIGTERM, reuses it).
+
+Loading verifies every file against ``complete.json`` first (split over the ranks) and
+refuses a folder whose files differ: only what this system wrote is ever unpickled. A
+damaged newest checkpoint falls back to the next older complete one, with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import random
+import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
-from distill_common.fsio import atomic_write_json
-from distill_pretrain.distributed import barrier
+from distill_common.distributed import World
+from distill_common.errors import DistillUserError
+from distill_common.fsio import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "complete.json"
+FORMAT = 2
 _TAG = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointUserError(RuntimeError):
+class CheckpointUserError(DistillUserError, RuntimeError):
     """A resume target that cannot be used; names the folder and the fix."""
 
 
@@ -45,24 +61,28 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE).is_file()
 
 
-def list_checkpoints(root: Path, complete_only: bool = True) -> list[Path]:
-    """Checkpoint folders under ``root``, oldest first."""
+def read_complete(folder: Path) -> dict:
+    try:
+        return json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointUserError(f"{folder / COMPLETE}: unreadable ({err})") from None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)]
-    if complete_only:
-        found = [p for p in found if is_complete(p)]
+    found = [p for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and is_complete(p)]
     return sorted(found, key=lambda p: p.name)
 
 
-def find_resume(output_dir: str | Path, resume: str) -> Path | None:
-    """``never`` -> None; ``auto`` -> the newest complete checkpoint (None if none);
-    anything else is a checkpoint folder that must be complete."""
+def candidates(output_dir: str | Path, resume: str) -> list[Path]:
+    """Checkpoints to try, newest first: ``never`` -> none; ``auto`` -> every complete
+    one under output_dir; a folder -> that one, which must be complete."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        found = list_checkpoints(checkpoints_root(output_dir))
-        return found[-1] if found else None
+        return list_checkpoints(checkpoints_root(output_dir))[::-1]
     folder = Path(resume)
     if not folder.is_dir():
         raise CheckpointUserError(f"train.resume={resume}: no such checkpoint folder; use "
@@ -72,104 +92,136 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
         raise CheckpointUserError(f"train.resume={resume}: {folder} has no {COMPLETE} (the "
                                   f"save was interrupted); pick an older checkpoint or use "
                                   f"train.resume=auto")
-    return folder
+    return [folder]
 
 
-# --- RNG states ---------------------------------------------------------------------------------
+# --- integrity ------------------------------------------------------------------------------
 
 
-def capture_rng() -> dict:
-    """Python, NumPy, torch (and CUDA) generator states as plain types and tensors."""
-    np_state = np.random.get_state(legacy=False)
-    version, py_state, gauss = random.getstate()
-    state = {
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss": gauss},
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]),
-                  "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and p.name != COMPLETE)
 
 
-def restore_rng(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": npy["key"].numpy().astype(np.uint32),
-                                   "pos": npy["pos"]},
-                         "has_gauss": npy["has_gauss"], "gauss": npy["gauss"]})
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _hash_and_sync(folder: Path, rel: str) -> str:
+    path = folder / rel
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # what complete.json vouches for is on disk before it is written
+    finally:
+        os.close(fd)
+    return sha256_file(path)
 
 
-# --- save / load --------------------------------------------------------------------------------
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def save(engine, output_dir: str | Path, step: int, *, rank: int, client_state: dict,
-         rank_state: dict, keep_last: int,
-         write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
-    root = checkpoints_root(output_dir)
-    folder = root / tag_for(step)
-    if rank == 0 and folder.exists():  # left by a crashed save of this step, or re-saved
-        shutil.rmtree(folder)
-    barrier()
-    engine.save_checkpoint(str(root), tag=folder.name, client_state=client_state,
-                           save_latest=False)
-    _save_rank_state(folder / f"rank-{rank:05d}.pt", rank_state)
-    if rank == 0 and write_extra is not None:
-        write_extra(folder)
-    barrier()
-    if rank == 0:
-        atomic_write_json(folder / COMPLETE, {"step": step,
-                                               "world_size": client_state.get("world_size")})
-        _prune(root, keep_last)
-        log.info("checkpoint %s", folder)
-    barrier()
-    return folder
+def verify(folder: Path, world: World | None = None) -> list[str]:
+    """Files of ``folder`` that are missing, extra or differ from ``complete.json``
+    (every rank checks its share; all ranks get the full list)."""
+    rank, size = (world.rank, world.world_size) if world else (0, 1)
+    recorded = read_complete(folder).get("files")
+    if not isinstance(recorded, dict):
+        return [f"{COMPLETE} records no file hashes (written by an older version)"]
+    present = set(_files(folder))
+    bad = sorted(set(recorded) ^ present) if rank == 0 else []
+    for rel in sorted(set(recorded) & present)[rank::size]:
+        if sha256_file(folder / rel) != recorded[rel]:
+            bad.append(rel)
+    if world is not None:
+        bad = sorted({b for part in world.gather_objects(bad) for b in part})
+    return bad
 
 
-def _save_rank_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+# --- save -----------------------------------------------------------------------------------
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    complete = list_checkpoints(root)
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    newest = complete[-1].name if complete else ""
-    for folder in list_checkpoints(root, complete_only=False):
-        if not is_complete(folder) and folder.name < newest:
-            shutil.rmtree(folder, ignore_errors=True)  # an interrupted older save
+class Checkpointer:
+    """Saves and loads the checkpoints of one run (collective: every rank calls)."""
+
+    def __init__(self, engine, world: World, output_dir: str | Path, keep_last: int,
+                 record: dict, write_extra: Callable[[Path, dict], None] | None = None):
+        self.engine, self.world = engine, world
+        self.root = checkpoints_root(output_dir)
+        self.keep_last = keep_last
+        self.record = record
+        """Written into complete.json (fingerprints, settings); read back on resume."""
+        self.write_extra = write_extra
+
+    def save(self, step: int, client_state: dict, rank_state: dict,
+             extra: dict | None = None) -> Path:
+        final = self.root / tag_for(step)
+        if self.world.all_reduce([is_complete(final)], "max")[0]:
+            log.info("checkpoint %s exists; kept", final)
+            return final
+        nonce = self.world.broadcast_object(secrets.token_hex(4) if self.world.is_main else None)
+        tmp = self.root / f".tmp-{final.name}-{nonce}"
+        if self.world.is_main:
+            tmp.mkdir(parents=True)
+        self.world.barrier()
+        self.engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client_state,
+                                    save_latest=False)
+        rank_file = tmp / f"rank-{self.world.rank:05d}.pt"
+        torch.save(rank_state, rank_file)
+        if self.world.is_main and self.write_extra is not None:
+            self.write_extra(tmp, extra or {})
+        self.world.barrier()
+        files = _files(tmp)
+        hashes = dict(pair for part in self.world.gather_objects(
+            [(rel, _hash_and_sync(tmp, rel)) for rel in files[self.world.rank::
+                                                                  self.world.world_size]])
+            for pair in part)
+        if self.world.is_main:
+            atomic_write_json(tmp / COMPLETE, {
+                "format": FORMAT, "step": step, "world_size": self.world.world_size,
+                **self.record, "files": hashes})
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune(final)
+            log.info("checkpoint %s", final)
+        self.world.barrier()
+        return final
+
+    def _prune(self, newest: Path) -> None:
+        older = [p for p in list_checkpoints(self.root) if p.name < newest.name]
+        for old in older[:max(0, len(older) - (self.keep_last - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # interrupted saves
+
+    # --- load -----------------------------------------------------------------------------
+
+    def load(self, folder: Path) -> tuple[dict, list[dict]]:
+        """Restore DeepSpeed's state from ``folder`` (verified); returns (client_state,
+        the rank states: this rank's alone when the world size is unchanged, else every
+        saved rank's, for the caller to redistribute)."""
+        _, client_state = self.engine.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True,
+            load_lr_scheduler_states=True)
+        if client_state is None:
+            raise CheckpointUserError(f"{folder}: DeepSpeed could not load this checkpoint; "
+                                      f"pick another with train.resume=<folder> or "
+                                      f"train.resume=never")
+        saved_world = int(read_complete(folder)["world_size"])
+        ranks = [self.world.rank] if saved_world == self.world.world_size \
+            else list(range(saved_world))
+        return client_state, [torch.load(folder / f"rank-{r:05d}.pt", map_location="cpu",
+                                         weights_only=True) for r in ranks]
 
 
-def load(engine, folder: Path, rank: int) -> tuple[dict, dict | None]:
-    """Collective. Restores DeepSpeed state; returns (client_state, this rank's state, or
-    None when the checkpoint was written by a different number of ranks)."""
-    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name,
-                                             load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-    if client_state is None:
-        raise CheckpointUserError(f"{folder}: DeepSpeed could not load this checkpoint; "
-                                  f"pick another with train.resume=<folder> or "
-                                  f"train.resume=never")
-    rank_file = folder / f"rank-{rank:05d}.pt"
-    saved_world = client_state.get("world_size")
-    if not rank_file.is_file() or saved_world != _world_size():
-        return client_state, None
-    return client_state, torch.load(rank_file, map_location="cpu", weights_only=True)
-
-
-def _world_size() -> int:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+def newest_sound(folders: list[Path], world: World) -> tuple[Path | None, list[str]]:
+    """The first of ``folders`` (newest first) whose files match its complete.json;
+    warnings for those skipped."""
+    skipped = []
+    for folder in folders:
+        bad = verify(folder, world)
+        if not bad:
+            return folder, skipped
+        skipped.append(f"{folder}: {len(bad)} file(s) missing or changed since it was "
+                       f"saved ({', '.join(bad[:3])}); not loaded")
+    return None, skipped

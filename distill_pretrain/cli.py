@@ -30,16 +30,12 @@ def register(sub, add_recipe_args) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     import warnings
 
-    recipe = args.load_recipe()
-    from distill_pretrain.distributed import shutdown
-    from distill_pretrain.train import pretrain
+    job = args.load_recipe().pretrain_job()
+    from distill_pretrain.train import run_pretrain
 
     # torch.distributed's deprecation notices, raised from inside DeepSpeed, once per call.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    try:
-        result = pretrain(recipe)
-    finally:
-        shutdown()
+    result = run_pretrain(job)
     if result.stopped:  # SIGTERM: checkpoint saved; 143 = 128 + SIGTERM, as if killed
         return 143
     if result.rank != 0:
@@ -55,7 +51,7 @@ def _init(args: argparse.Namespace) -> int:
 
     from distill_pretrain.initial import write_initial_student
 
-    folder = write_initial_student(args.load_recipe(), args.out_dir)
+    folder = write_initial_student(args.load_recipe().pretrain_job(), args.out_dir)
     record = json.loads((folder / "init.json").read_text())
     shape = record["student"]
     print(f"student ({record['init']}, {shape['layers']} x {shape['hidden_size']}, "

@@ -11,16 +11,23 @@ layer ``k`` are those computed inside the k-th layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from distill_common.config import check, check_choice
+from distill_common.errors import DistillUserError
+from distill_pretrain.train_config import TrainConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class RecipeValidationError(ValueError):
+class RecipeValidationError(DistillUserError, ValueError):
     """The recipe does not fit its teacher (layers, heads, widths, MLM head, vocabulary);
     the message names the recipe key, the teacher folder and the fix."""
+
+
+def fail(key: str, message: str) -> NoReturn:
+    """Raise RecipeValidationError for recipe key ``key``."""
+    raise RecipeValidationError(f"{key}: {message}")
 
 
 @dataclass
@@ -278,3 +285,17 @@ class ObjectiveConfig:
     @property
     def needs_mlm_logits(self) -> bool:
         return self.logit_kl is not None or self.mlm is not None
+
+
+@dataclass
+class PretrainJob:
+    """What `distill pretrain` reads: the recipe's pretraining sections (the launcher's
+    Recipe builds it with ``pretrain_job()``)."""
+    name: str
+    seed: int
+    teacher: TeacherConfig
+    student: StudentConfig
+    objective: ObjectiveConfig
+    train: TrainConfig
+    recipe: dict = field(default_factory=dict)
+    """The whole resolved recipe as plain data, recorded with checkpoints and exports."""

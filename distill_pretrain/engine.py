@@ -1,21 +1,33 @@
 """The DeepSpeed engine: the only place that calls ``deepspeed.initialize``.
 
-The module it wraps is ``DistillModule(student, objective)``, so the objective's
-projections train with the student; the teacher is never given to DeepSpeed. The
-optimizer is ``torch.optim.AdamW`` (no compilation) unless offload or
-``train.deepspeed_optimizer`` asks for DeepSpeed's own, which is JIT-compiled on first use.
-The learning-rate schedule is a pure function of the step, wrapped in a LambdaLR whose
-state DeepSpeed saves and restores with every checkpoint.
+The module it wraps is ``EngineModule(student, objective)`` (a DistillModule whose output
+DeepSpeed can hook), so the objective's projections train with the student; the teacher
+is never given to DeepSpeed. DeepSpeed adopts the process group that
+distill_common.distributed made. The optimizer is ``torch.optim.AdamW`` (no compilation)
+unless offload or ``train.deepspeed_optimizer`` asks for DeepSpeed's own, which is
+JIT-compiled on first use. The learning-rate schedule is a pure function of the step,
+wrapped in a LambdaLR whose state DeepSpeed saves and restores with every checkpoint.
+
+Non-finite gradients: an optimizer step whose gradients are not all finite is skipped
+(no update, no schedule step) and ``engine.was_step_applied()`` says so, on every rank
+alike. ZeRO 1-3 and bf16 do it inside DeepSpeed (its overflow check, one collective per
+step); plain fp32 data parallelism (ZeRO-0) has no such check, so its AdamW does it
+itself (``SkippingAdamW``).
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 from functools import partial
 
 import torch
 
+from distill_common.distributed import World
+from distill_common.errors import DistillUserError
+from distill_pretrain.distill_module import DistillModule
+from distill_pretrain.objective_outputs import ObjectiveOutput
 from distill_pretrain.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -23,7 +35,7 @@ log = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class EngineUserError(RuntimeError):
+class EngineUserError(DistillUserError, RuntimeError):
     """A precision / device / offload combination that cannot run here."""
 
 
@@ -72,7 +84,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
                  "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
@@ -94,25 +106,75 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    # "decays" stays in the groups (and their saved state): a resume that changes
+    # train.weight_decay knows which group to give it.
+    return [{"params": decay, "weight_decay": weight_decay, "decays": True},
+            {"params": no_decay, "weight_decay": 0.0, "decays": False}]
 
 
-def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int,
-                 precision: str, device: torch.device):
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite, and says so through
+    ``overflow`` (the attribute DeepSpeed's engine reads to count a skipped step and hold
+    the learning-rate schedule). Used where DeepSpeed has no check of its own (ZeRO-0
+    fp32, where gradients are already all-reduced when ``step`` runs, so every rank
+    decides the same)."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads \
+            else torch.tensor(True)
+        self.overflow = not bool(finite)  # the one host sync of the step
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+class EngineModule(DistillModule):
+    """A DistillModule whose forward returns a plain dict ``{"total", "parts", "stats"}``:
+    ZeRO-3 finds the tensors of a module's output to hook its backward pass and looks
+    only into tensors, tuples, lists and dicts; with a dataclass the hooks are missed and
+    backward fails ("active_backward_submodules is empty"). State-dict keys are those of
+    DistillModule."""
+
+    def forward(self, input_ids, attention_mask, labels, teacher_out,
+                logit_index=None) -> dict:
+        out = super().forward(input_ids, attention_mask, labels, teacher_out, logit_index)
+        return {"total": out.total, "parts": dict(out.parts), "stats": dict(out.stats)}
+
+
+def as_output(raw: dict) -> ObjectiveOutput:
+    return ObjectiveOutput(total=raw["total"], parts=raw["parts"], stats=raw["stats"])
+
+
+def adopt_process_group(world: World, timeout_min: float) -> None:
+    """Let DeepSpeed's communication layer wrap the process group we made (it would
+    otherwise look for MPI or make its own)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=world.backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=timeout_min))
+
+
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world: World, precision: str):
     """-> (engine, lr_scheduler). ``module`` is moved and partitioned by DeepSpeed."""
     import deepspeed
 
-    on_gpu = device.type == "cuda"
-    config = deepspeed_config(cfg, world_size, precision, on_gpu)
+    on_gpu = world.device.type == "cuda"
+    config = deepspeed_config(cfg, world.world_size, precision, on_gpu)
     groups = param_groups(module, cfg.weight_decay)
     if cfg.uses_deepspeed_optimizer:
         optimizer = None
         log.info("optimizer: DeepSpeed AdamW (compiled on first use; set "
                  "TORCH_EXTENSIONS_DIR to cache it)")
     else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                      weight_decay=cfg.weight_decay)
+        adamw = SkippingAdamW if (cfg.zero_stage == 0 and precision == "fp32") \
+            else torch.optim.AdamW
+        optimizer = adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                          weight_decay=cfg.weight_decay, fused=on_gpu or None)
     schedule = partial(lr_multiplier, cfg=cfg)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer,
@@ -121,7 +183,7 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int,
         config=config)
     log.info("engine: ZeRO-%d, %s, micro-batch %d x accum %d x %d rank(s) = %d sequences "
              "per step", cfg.zero_stage, precision, cfg.micro_batch_size, cfg.grad_accum_steps,
-             world_size, config["train_batch_size"])
+             world.world_size, config["train_batch_size"])
     return engine, scheduler
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from distill_common.errors import DistillUserError
 from distill_pretrain import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 STUDENT_PREFIX = "student."
 
 
-class ExportUserError(RuntimeError):
+class ExportUserError(DistillUserError, RuntimeError):
     """Not a checkpoint that can be exported; names the folder and the fix."""
 
 
@@ -91,6 +92,11 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     from distill_common.fsio import atomic_dir
 
     folder = resolve_checkpoint(path)
+    bad = ckpt.verify(folder)
+    if bad:  # DeepSpeed's files are pickles: never load one this system did not write
+        raise ExportUserError(f"{folder}: {len(bad)} file(s) missing or changed since the "
+                              f"checkpoint was saved ({', '.join(bad[:3])}); it is not "
+                              f"loaded. Export another checkpoint of the run")
     model = load_student(folder)
     run_info = _read_json(folder / "hf" / "run_info.json")
     out_dir = Path(out_dir)

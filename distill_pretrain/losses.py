@@ -7,6 +7,10 @@ Shared conventions:
 - Everything is computed in float32, whatever the inputs' dtype (bf16/fp16 models).
 - Each returns a scalar; with nothing to average over it returns 0 (still differentiable).
 - KL terms are KL(teacher || student): sum over the distribution, mean over the rows.
+
+Length: every objective's loss is here, each pure function beside the fused autograd
+function that computes it tile by tile (the two are tested against each other), so that
+a loss is read in one place.
 """
 
 from __future__ import annotations
@@ -306,7 +310,11 @@ def _per_matrix(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _padded(row_weights: torch.Tensor) -> list[bool]:
-    """Per matrix: has it a padded row? Tiles without one skip the weighting passes."""
+    """Per matrix: has it a padded row? Tiles without one skip the weighting passes. On
+    an accelerator every tile is weighted instead: reading the answer would make the
+    host wait for the GPU (a sync per loss call), and there the weighting is cheap."""
+    if row_weights.device.type != "cpu":
+        return [True] * row_weights.shape[0]
     return (row_weights == 0).any(dim=-1).tolist()
 
 

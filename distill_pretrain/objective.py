@@ -1,14 +1,8 @@
-"""Composing the losses of a recipe into one objective, and the module DeepSpeed wraps.
+"""Composing the losses of a recipe into one objective (and checking that it fits).
 
-Use (the trainer):
-
-    teacher = load_teacher(recipe.teacher, dtype=...)
-    student = build_student(recipe.student, teacher, seed)
-    objective = build_objective(recipe.objective, teacher, student.config)
-    module = DistillModule(student, objective)        # -> deepspeed.initialize(model=module)
-    teacher_out = objective.teacher_forward(teacher, input_ids, attention_mask, labels)
-    out = engine(input_ids, attention_mask, labels, teacher_out)   # ObjectiveOutput
-    engine.backward(out.total)
+Use: ``objective = build_objective(cfg, teacher, student.config)``; per batch
+``t = objective.teacher_forward(teacher, ids, mask, labels)`` then the student side in
+``DistillModule(student, objective)(ids, mask, labels, t)`` (distill_module.py).
 
 Each objective is a *term*: a name, a weight, a teacher-side target (computed in
 ``teacher_forward`` under no_grad: teacher distributions, hidden states) and a loss of the
@@ -19,129 +13,23 @@ teacher then runs only as deep as the deepest layer any term needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from distill_pretrain import losses
-from distill_pretrain.architectures import (Architecture, apply_mlm_head, architecture_of, dims,
+from distill_pretrain.architectures import (Architecture, apply_mlm_head, architecture_of,
                                             embedding_width)
 from distill_pretrain.capture import Captured, CapturePlan, capture, truncated
-from distill_pretrain.config import (LastLayerConfig, LayerMapConfig, ObjectiveConfig,
-                                     RecipeValidationError, parse_layer_choice)
-from distill_pretrain.prune import TEACHER_CHANNELS_KEY
-
-
-# ------------------------------------------------------------------ outputs
-
-
-@dataclass
-class TeacherSide:
-    """What one teacher forward recorded, from which each term derives its target."""
-    captured: Captured
-    mlm_logits: Optional[torch.Tensor] = None
-    """(N, vocab) at the objective's logit rows (masked positions, or all real tokens)."""
-
-
-@dataclass
-class TeacherOutputs:
-    """The teacher's part of one batch, computed under no_grad (plain tensors): each
-    term's target (teacher distributions, hidden states, ...), so the training step
-    only computes the student side."""
-    targets: dict[str, object] = field(default_factory=dict)
-    """Term name -> its target (see the term builders in DistillationObjective)."""
-    deepest_hidden: Optional[torch.Tensor] = None
-    """(batch, seq, hidden) output of the deepest teacher layer that ran."""
-    mlm_top1: Optional[torch.Tensor] = None
-    """(N,) teacher's top-1 token at the logit rows, when its head ran."""
-
-
-@dataclass
-class StudentOutputs:
-    captured: Captured
-    last_hidden: torch.Tensor
-    """(batch, seq, hidden)."""
-    mlm_logits: Optional[torch.Tensor] = None
-    """(N, vocab) at the objective's logit rows, or None when not computed."""
-
-
-@dataclass
-class ObjectiveOutput:
-    total: torch.Tensor
-    """Scalar fp32 with grad: sum of weight * part."""
-    parts: dict[str, torch.Tensor]
-    """Unweighted value of each term (detached scalars), for logging."""
-    stats: dict[str, torch.Tensor]
-    """Detached fp32 scalars, summed over the batch (all-reduce with SUM):
-    mlm_correct / mlm_count: student top-1 on masked positions (count 0 when no student
-    logits were computed: MLM terms off and module in train mode);
-    agreement_sum / agreement_count: teacher/student top-1 agreement on masked positions
-    when both have logits, else cosine of the student's last hidden states with the
-    deepest teacher layer run, over real tokens (widths differ: cosine of each token's
-    row of token-token similarities)."""
-
-
-# ------------------------------------------------------------------ layer mapping
-
-
-def resolve_layer(choice: str, num_layers: int) -> int:
-    """'last' -> L; 'upper_middle' -> L - L//8 (21 of 24); '7' -> 7."""
-    parsed = parse_layer_choice(choice)
-    if parsed == "last":
-        return num_layers
-    if parsed == "upper_middle":
-        return num_layers - num_layers // 8
-    return int(parsed)
-
-
-def uniform_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    """TinyBERT's uniform map: student layer m <- teacher layer m * L_t / L_s."""
-    return [(m, max(1, int(round(m * teacher_layers / student_layers))))
-            for m in range(1, student_layers + 1)]
-
-
-def layer_pairs(cfg: LayerMapConfig, student_layers: int,
-                teacher_layers: int) -> list[tuple[int, int]]:
-    if cfg.layer_map == "uniform":
-        return uniform_pairs(student_layers, teacher_layers)
-    if cfg.layer_map == "last":
-        return [(student_layers, teacher_layers)]
-    return [(int(s), int(t)) for s, t in cfg.pairs]
-
-
-def single_pair(cfg: LastLayerConfig, student_layers: int,
-                teacher_layers: int) -> tuple[int, int]:
-    return (resolve_layer(cfg.student_layer, student_layers),
-            resolve_layer(cfg.teacher_layer, teacher_layers))
-
-
-def objective_layer_pairs(cfg: ObjectiveConfig, student_layers: int,
-                          teacher_layers: int) -> dict[str, list[tuple[int, int]]]:
-    """Name -> (student layer, teacher layer) pairs of every active layer-wise term."""
-    out = {}
-    for name, section in cfg.active().items():
-        if isinstance(section, LayerMapConfig):
-            out[name] = layer_pairs(section, student_layers, teacher_layers)
-        elif isinstance(section, LastLayerConfig):
-            out[name] = [single_pair(section, student_layers, teacher_layers)]
-        elif name == "embedding_mse":
-            out[name] = [(0, 0)]
-    return out
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    embedding_size: Optional[int] = None
-    """Width of the embedding output; default hidden_size."""
-
-    @staticmethod
-    def of(hf_config, arch: Architecture) -> "ModelShape":
-        return ModelShape(*dims(hf_config, arch), embedding_width(hf_config, arch))
+from distill_pretrain.config import ObjectiveConfig, RecipeValidationError, fail
+from distill_pretrain.layer_map import ModelShape, objective_layer_pairs
+from distill_pretrain.objective_outputs import (ObjectiveOutput, StudentOutputs, TeacherOutputs,
+                                                TeacherSide)
+from distill_pretrain.objective_stats import evaluation_stats
+from distill_pretrain.prune import kept_channels, teacher_channels_of
 
 
 # ------------------------------------------------------------------ terms
@@ -170,10 +58,7 @@ class DistillationObjective(nn.Module):
                  student_arch: Architecture, teacher_has_head: bool,
                  teacher_channels: Optional[list[int]] = None):
         super().__init__()
-        self.cfg = cfg
-        # A pruned student's hidden channel j is the teacher's teacher_channels[j]: hidden
-        # cosine compares it with those channels of the teacher (None: equal widths).
-        self.teacher_channels = teacher_channels
+        self.cfg, self.teacher_channels = cfg, teacher_channels  # see prune.py
         self.teacher_shape, self.student_shape = teacher_shape, student_shape
         self.teacher_arch, self.student_arch = teacher_arch, student_arch
         self.projections = nn.ModuleDict()
@@ -232,16 +117,15 @@ class DistillationObjective(nn.Module):
         self.terms.append(Term(
             "mlm", section.weight, target=lambda t, mask: None,
             compute=lambda s, target, mask, labels: losses.mlm_cross_entropy(
-                s.mlm_logits, labels[self.logit_rows(mask, labels)])))
+                s.mlm_logits, s.logit_labels)))
 
     def _add_hidden_cosine(self, section, pairs) -> None:
         (s_layer, t_layer), = pairs
         self._capture(student_hidden=[s_layer], teacher_hidden=[t_layer])
-        kept = self.teacher_channels
         self.terms.append(Term(
             "hidden_cosine", section.weight,
-            target=lambda t, mask: t.captured.hidden[t_layer] if kept is None
-            else t.captured.hidden[t_layer][..., kept],
+            target=lambda t, mask: kept_channels(t.captured.hidden[t_layer],
+                                                 self.teacher_channels),
             compute=lambda s, target, mask, labels: losses.hidden_cosine(
                 s.captured.hidden[s_layer], target, mask)))
 
@@ -324,15 +208,22 @@ class DistillationObjective(nn.Module):
 
     # -- running --
 
-    def logit_rows(self, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def logitrows_at(self, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(batch, seq) bool: where MLM logits are computed (masked, or all real tokens)."""
         if self.logit_positions == "all":
             return attention_mask.bool() | (labels != -100)
         return labels != -100
 
+    def logit_index(self, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 flat positions of the logit rows. The trainer computes it on the
+        CPU batch and ships it with the batch: selecting rows with a boolean mask on a
+        GPU would wait for the GPU to count them (a host sync per micro-batch)."""
+        return self.logitrows_at(attention_mask, labels).reshape(-1).nonzero().squeeze(1)
+
     @torch.no_grad()
     def teacher_forward(self, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        labels: torch.Tensor) -> TeacherOutputs:
+                        labels: torch.Tensor,
+                        logit_index: Optional[torch.Tensor] = None) -> TeacherOutputs:
         """Run the frozen teacher (only ``teacher_depth`` layers), recording what the terms
         need, and compute each term's target. no_grad, not inference_mode: the outputs
         are used as loss targets in the (autograd-recorded) student step."""
@@ -349,15 +240,17 @@ class DistillationObjective(nn.Module):
         last = out.last_hidden_state
         logits = None
         if self.teacher_logits and teacher.has_mlm_head:
-            logits = apply_mlm_head(teacher.model, arch,
-                                    last[self.logit_rows(attention_mask, labels)])
+            if logit_index is None:
+                logit_index = self.logit_index(attention_mask, labels)
+            logits = apply_mlm_head(teacher.model, arch, rows_at(last, logit_index))
         side = TeacherSide(captured, logits)
         targets = {term.name: term.target(side, attention_mask) for term in self.terms}
         return TeacherOutputs(targets=targets, deepest_hidden=last,
                               mlm_top1=None if logits is None else logits.argmax(-1))
 
     def forward(self, student: StudentOutputs, teacher: TeacherOutputs,
-                attention_mask: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
+                attention_mask: torch.Tensor, labels: torch.Tensor,
+                with_stats: bool = True) -> ObjectiveOutput:
         total = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
         parts = {}
         for term in self.terms:
@@ -365,104 +258,93 @@ class DistillationObjective(nn.Module):
                                  labels)
             parts[term.name] = value.detach()
             total = total + term.weight * value
-        return ObjectiveOutput(total=total, parts=parts,
-                               stats=self.stats(student, teacher, attention_mask, labels))
-
-    @torch.no_grad()
-    def stats(self, student: StudentOutputs, teacher: TeacherOutputs,
-              attention_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = attention_mask.device
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        out = {"mlm_correct": zero, "mlm_count": zero, "agreement_sum": zero,
-               "agreement_count": zero}
-        if student.mlm_logits is not None:
-            logits = student.mlm_logits
-            row_labels = labels[self.logit_rows(attention_mask, labels)]
-            masked = row_labels != -100
-            # "token x is the student's top-1" as logit[x] >= max: amax is several times
-            # cheaper than argmax over a (rows, vocab) tensor on CPU.
-            best = logits.amax(-1)
-
-            def is_top1(tokens: torch.Tensor) -> torch.Tensor:
-                return logits.gather(-1, tokens.clamp(min=0)[:, None])[:, 0] >= best
-
-            out["mlm_correct"] = is_top1(row_labels)[masked].sum().float()
-            out["mlm_count"] = masked.sum().float()
-            if teacher.mlm_top1 is not None:
-                out["agreement_sum"] = is_top1(teacher.mlm_top1)[masked].sum().float()
-                out["agreement_count"] = masked.sum().float()
-                return out
-        if teacher.deepest_hidden is not None:
-            total, count = hidden_agreement(student.last_hidden, teacher.deepest_hidden,
-                                            attention_mask)
-            out["agreement_sum"], out["agreement_count"] = total, count
-        return out
+        stats = evaluation_stats(student, teacher, attention_mask) if with_stats else {}
+        return ObjectiveOutput(total=total, parts=parts, stats=stats)
 
 
-def hidden_agreement(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over real tokens of a cosine, number of real tokens). Equal widths: cosine of
-    the two hidden states; else cosine of each token's row of token-token cosine
-    similarities (real keys only), which needs no common width."""
-    s, t = student_hidden.float(), teacher_hidden.float()
-    weights = mask.to(torch.float32)
-    if s.shape[-1] != t.shape[-1]:
-        s_unit = torch.nn.functional.normalize(s, dim=-1)
-        t_unit = torch.nn.functional.normalize(t, dim=-1)
-        key_weights = weights[:, None, :]
-        s = (s_unit @ s_unit.transpose(1, 2)) * key_weights  # (batch, seq, seq)
-        t = (t_unit @ t_unit.transpose(1, 2)) * key_weights
-    cos = torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-8)  # (batch, seq)
-    return (cos * weights).sum(), weights.sum()
-
-
-# ------------------------------------------------------------------ module DeepSpeed wraps
-
-
-class DistillModule(nn.Module):
-    """Student + objective in one module, so the objective's projections are trained by
-    the same (DeepSpeed) optimizer. ``state_dict`` keys: ``student.*``, ``objective.*``."""
-
-    def __init__(self, student: nn.Module, objective: DistillationObjective):
-        super().__init__()
-        self.student = student
-        self.objective = objective
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, teacher_out: TeacherOutputs) -> ObjectiveOutput:
-        objective = self.objective
-        base, arch = self.student.base_model, objective.student_arch
-        with capture(base, arch, objective.student_plan) as captured:
-            out = base(input_ids=input_ids, attention_mask=attention_mask)
-        last = out.last_hidden_state
-        captured.hidden.setdefault(objective.student_shape.num_layers, last)
-        logits = None
-        if objective.needs_mlm_logits:
-            rows = objective.logit_rows(attention_mask, labels)
-            logits = apply_mlm_head(self.student, arch, last[rows])
-        elif not self.training:  # evaluation: MLM accuracy even when no term needs it
-            with torch.no_grad():
-                logits = apply_mlm_head(self.student, arch, last[labels != -100])
-        return objective(StudentOutputs(captured, last, logits), teacher_out, attention_mask,
-                         labels)
+def rows_at(hidden: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, width) -> (N, width) at flat positions (batch * seq + position)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
 
 
 def build_objective(cfg: ObjectiveConfig, teacher, student_config) -> DistillationObjective:
     """The recipe's objective for this teacher and student (HF config of the student);
-    raises RecipeValidationError when they do not fit (see validate.check_objective)."""
-    from distill_pretrain.validate import check_objective
-
+    raises RecipeValidationError when they do not fit (check_objective)."""
     student_arch = architecture_of(student_config)
     teacher_shape = ModelShape(teacher.num_layers, teacher.hidden_size, teacher.num_heads,
                                embedding_width(teacher.config, teacher.arch))
     student_shape = ModelShape.of(student_config, student_arch)
-    channels = getattr(student_config, TEACHER_CHANNELS_KEY, None)
-    if student_shape.hidden_size == teacher_shape.hidden_size:
-        channels = None
+    channels = teacher_channels_of(student_config, teacher_shape.hidden_size)
     check_objective(cfg, teacher_shape=teacher_shape, student_shape=student_shape,
                     teacher_has_head=teacher.has_mlm_head, teacher_folder=teacher.path,
                     teacher_vocab=teacher.config.vocab_size,
-                    student_vocab=student_config.vocab_size,
-                    student_pruned=channels is not None)
+                    student_vocab=student_config.vocab_size, student_pruned=bool(channels))
     return DistillationObjective(cfg, teacher_shape, student_shape, teacher.arch,
                                  student_arch, teacher.has_mlm_head, channels)
+
+
+# ------------------------------------------------------------------ checks
+
+REPRESENTATION_HINT = ("use a representation recipe instead, e.g. configs/minilmv2.yaml "
+                       "(objective.qkv_relation_kl) or configs/minilm.yaml "
+                       "(objective.attention_kl + value_relation_kl), or point teacher.path "
+                       "at a checkpoint with a masked-LM head (e.g. a *ForMaskedLM folder)")
+
+
+def check_objective(cfg: ObjectiveConfig, *, teacher_shape: ModelShape,
+                    student_shape: ModelShape, teacher_has_head: bool,
+                    teacher_folder: Path | str, teacher_vocab: int,
+                    student_vocab: int, student_pruned: bool = False) -> None:
+    """Every active term fits both models (pruned: see prune.py); raises otherwise."""
+    active = cfg.active()
+    if not active:
+        fail("objective", "no objective is set; set at least one section, e.g. "
+                           "objective.qkv_relation_kl.weight=1, or start from configs/*.yaml")
+    if "logit_kl" in active and not teacher_has_head:
+        fail("objective.logit_kl", f"needs the teacher's masked-LM head, but the weights in "
+                                    f"{teacher_folder} have none (a head would be random "
+                                    f"and its soft targets noise); {REPRESENTATION_HINT}")
+    for name in ("logit_kl", "mlm"):
+        if name in active and teacher_vocab != student_vocab:
+            fail(f"objective.{name}", f"teacher vocabulary ({teacher_vocab} in "
+                                       f"{teacher_folder}) and student vocabulary "
+                                       f"({student_vocab}) differ; logits cannot be compared. "
+                                       f"Build the student with the teacher's tokenizer")
+    s_layers, t_layers = student_shape.num_layers, teacher_shape.num_layers
+    for name, pairs in objective_layer_pairs(cfg, s_layers, t_layers).items():
+        low = 0 if name == "embedding_mse" else 1
+        for s, t in pairs:
+            if not low <= s <= s_layers:
+                fail(f"objective.{name}", f"student layer {s} is outside 1..{s_layers} "
+                                           f"(student.num_layers={s_layers})")
+            if not low <= t <= t_layers:
+                fail(f"objective.{name}", f"teacher layer {t} is outside 1..{t_layers} "
+                                           f"(the teacher {teacher_folder} has {t_layers} "
+                                           f"layers)")
+    for name in ("attention_score_mse", "attention_kl", "value_relation_kl"):
+        if name in active and student_shape.num_heads != teacher_shape.num_heads:
+            fail(f"objective.{name}",
+                  f"compares attention per head and needs equal head counts, but the "
+                  f"teacher ({teacher_folder}) has {teacher_shape.num_heads} and the student "
+                  f"{student_shape.num_heads}; set student.num_heads="
+                  f"{teacher_shape.num_heads} if it divides the student width, or use "
+                  f"objective.qkv_relation_kl (MiniLMv2), which works across head counts")
+    if "hidden_cosine" in active and student_shape.hidden_size != teacher_shape.hidden_size \
+            and not student_pruned:
+        fail("objective.hidden_cosine",
+              f"needs equal widths (teacher {teacher_shape.hidden_size}, student "
+              f"{student_shape.hidden_size}) or student.init=pruned; use hidden_mse")
+    relation = cfg.qkv_relation_kl
+    if relation is not None:
+        r = relation.relation_heads
+        for who, width in (("teacher", teacher_shape.hidden_size),
+                           ("student", student_shape.hidden_size)):
+            if width % r:
+                divisors = [d for d in range(1, width + 1)
+                            if teacher_shape.hidden_size % d == 0
+                            and student_shape.hidden_size % d == 0]
+                fail("objective.qkv_relation_kl.relation_heads",
+                      f"{who} width {width} is not divisible by relation_heads={r}; choose "
+                      f"a common divisor of {teacher_shape.hidden_size} and "
+                      f"{student_shape.hidden_size}, e.g. "
+                      f"{[d for d in divisors if d <= 64][-3:]}")

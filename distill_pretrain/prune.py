@@ -17,6 +17,10 @@ query is rescaled so scores keep the teacher's scale.
 
 Importance is measured on rank 0 and its plan broadcast, so every rank builds the same
 student whatever floating-point noise the ranks' hardware adds.
+
+``d`` below is the student's shape, ``student.student_dims`` (num_layers, hidden_size,
+num_heads, intermediate_size), computed by the caller (this module sits below
+student.py).
 """
 
 from __future__ import annotations
@@ -24,18 +28,33 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from distill_pretrain.architectures import dims, embedding_width
-from distill_pretrain.config import RecipeValidationError, StudentConfig
+from distill_pretrain.config import StudentConfig, fail
 from distill_pretrain.importance import Importance, measure_importance
+from distill_pretrain.layer_map import default_teacher_layers
 
 log = logging.getLogger(__name__)
 
 TEACHER_CHANNELS_KEY = "distill_teacher_hidden_channels"
 """Attribute of a width-pruned student's Hugging Face config (saved in config.json): the
-teacher hidden channel each of its channels was cut from (objective.hidden_cosine)."""
+teacher hidden channel each of its channels was cut from. objective.hidden_cosine
+compares the student's channel j with the teacher's channel j of this list."""
+
+
+def kept_channels(teacher_hidden: torch.Tensor, channels: Optional[list[int]]) -> torch.Tensor:
+    """(..., teacher width) -> (..., len(channels)): the channels a pruned student kept
+    (all of them when ``channels`` is None)."""
+    return teacher_hidden if channels is None else teacher_hidden[..., channels]
+
+
+def teacher_channels_of(student_config, teacher_width: int) -> Optional[list[int]]:
+    """The teacher channels a narrower pruned student kept, else None."""
+    channels = getattr(student_config, TEACHER_CHANNELS_KEY, None)
+    return channels if channels is not None and len(channels) < teacher_width else None
 
 
 @dataclass(frozen=True)
@@ -52,65 +71,60 @@ class HeadLayout:
         return self.head_size // self.teacher_head_size if self.mode == "merged" else 1
 
 
-def _fail(key: str, message: str) -> None:
-    raise RecipeValidationError(f"{key}: {message}")
-
-
 def head_layout(hidden: int, heads: int, teacher_hidden: int, teacher_heads: int) -> HeadLayout:
     """The layout for a student of ``hidden`` width and ``heads`` heads; raises
     RecipeValidationError when the teacher's heads cannot form them."""
     t_size = teacher_hidden // teacher_heads
     if hidden % heads:
-        _fail("student.num_heads", f"{heads} heads do not divide hidden_size={hidden}; with "
-                                   f"init=pruned leave num_heads unset to keep the teacher's "
-                                   f"head size {t_size} (then hidden_size must be a multiple "
-                                   f"of {t_size})")
+        fail("student.num_heads", f"{heads} heads do not divide hidden_size={hidden}; with "
+                                  f"init=pruned leave num_heads unset to keep the teacher's "
+                                  f"head size {t_size} (then hidden_size must be a multiple "
+                                  f"of {t_size})")
     size = hidden // heads
     mode = "kept" if size == t_size else "truncated" if size < t_size else "merged"
     if mode == "merged" and size % t_size:
-        _fail("student.num_heads", f"head size {size} (hidden_size {hidden} / {heads} heads) "
-                                   f"is wider than the teacher's {t_size} but not a multiple "
-                                   f"of it; use a head size of {t_size}, a multiple of it, or "
-                                   f"a smaller one")
+        fail("student.num_heads", f"head size {size} (hidden_size {hidden} / {heads} heads) "
+                                  f"is wider than the teacher's {t_size} but not a multiple "
+                                  f"of it; use a head size of {t_size}, a multiple of it, or "
+                                  f"a smaller one")
     layout = HeadLayout(mode, heads, size, t_size)
     if heads * layout.teacher_heads_per_head > teacher_heads:
-        _fail("student.num_heads", f"{heads} heads of size {size} need "
-                                   f"{heads * layout.teacher_heads_per_head} teacher heads, the "
-                                   f"teacher has {teacher_heads}; use fewer or wider heads")
+        fail("student.num_heads", f"{heads} heads of size {size} need "
+                                  f"{heads * layout.teacher_heads_per_head} teacher heads, the "
+                                  f"teacher has {teacher_heads}; use fewer or wider heads")
     return layout
 
 
-def check_prunable(cfg: StudentConfig, teacher_config, arch, teacher_folder) -> None:
-    """The recipe's student can be cut out of this teacher (config.json only)."""
-    from distill_pretrain.student import student_dims
-
-    d = student_dims(cfg, teacher_config, arch)
+def check_prunable(cfg: StudentConfig, d: dict, teacher_config, arch,
+                   teacher_folder) -> None:
+    """The recipe's student (of ``d``: its shape) can be cut out of this teacher
+    (config.json only)."""
     t_layers, t_hidden, t_heads = dims(teacher_config, arch)
     t_inter = getattr(teacher_config, arch.intermediate_size_key)
     where = f"the teacher {teacher_folder}"
     if cfg.num_layers > t_layers:
-        _fail("student.num_layers", f"{cfg.num_layers} layers cannot be cut out of {where} "
-                                    f"({t_layers} layers); use at most {t_layers}")
+        fail("student.num_layers", f"{cfg.num_layers} layers cannot be cut out of {where} "
+                                   f"({t_layers} layers); use at most {t_layers}")
     for key, value, limit in (("hidden_size", d["hidden_size"], t_hidden),
                               ("intermediate_size", d["intermediate_size"], t_inter)):
         if value > limit:
-            _fail(f"student.{key}", f"{value} is wider than {where} ({limit}); pruning only "
-                                    f"removes: use at most {limit}, or init=random")
+            fail(f"student.{key}", f"{value} is wider than {where} ({limit}); pruning only "
+                                   f"removes: use at most {limit}, or init=random")
     bad = [k for k in cfg.teacher_layers or [] if not 1 <= k <= t_layers]
     if bad:
-        _fail("student.teacher_layers", f"layers {bad} are outside 1..{t_layers} ({where})")
+        fail("student.teacher_layers", f"layers {bad} are outside 1..{t_layers} ({where})")
     if (cfg.prune_depth or 0) > t_layers:
-        _fail("student.prune_depth", f"{cfg.prune_depth} is deeper than {where} "
-                                     f"({t_layers} layers)")
+        fail("student.prune_depth", f"{cfg.prune_depth} is deeper than {where} "
+                                    f"({t_layers} layers)")
     head_layout(d["hidden_size"], d["num_heads"], t_hidden, t_heads)
     if cfg.embedding_init != "auto":
-        _fail("student.embedding_init", f"{cfg.embedding_init} is not used with init=pruned "
-                                        f"(the embeddings keep the pruned hidden channels); "
-                                        f"drop it")
+        fail("student.embedding_init", f"{cfg.embedding_init} is not used with init=pruned "
+                                       f"(the embeddings keep the pruned hidden channels); "
+                                       f"drop it")
     if getattr(teacher_config, "sinusoidal_pos_embds", False) and d["hidden_size"] != t_hidden:
-        _fail("student.hidden_size", f"{where} has fixed sinusoidal position embeddings, "
-                                     f"which a narrower width cannot keep; keep hidden_size="
-                                     f"{t_hidden} or use init=random")
+        fail("student.hidden_size", f"{where} has fixed sinusoidal position embeddings, "
+                                    f"which a narrower width cannot keep; keep hidden_size="
+                                    f"{t_hidden} or use init=random")
 
 
 @dataclass
@@ -143,8 +157,6 @@ def top(scores: torch.Tensor, k: int) -> list[int]:
 
 def choose_layers(cfg: StudentConfig, block_importance: torch.Tensor) -> tuple[list[int], str]:
     """(teacher layers 1-based, how they were chosen)."""
-    from distill_pretrain.student import default_teacher_layers
-
     if cfg.teacher_layers is not None:
         return list(cfg.teacher_layers), "teacher_layers"
     depth = cfg.prune_depth or len(block_importance)
@@ -172,11 +184,9 @@ def _channels(groups: list[list[int]], scores: torch.Tensor, layout: HeadLayout)
     return out
 
 
-def plan_pruning(cfg: StudentConfig, teacher, importance: Importance) -> tuple[PrunePlan, dict]:
-    """The plan for ``cfg``'s shape and a summary of how it was chosen (for init.json)."""
-    from distill_pretrain.student import student_dims
-
-    d = student_dims(cfg, teacher.config, teacher.arch)
+def plan_pruning(cfg: StudentConfig, d: dict, teacher,
+                 importance: Importance) -> tuple[PrunePlan, dict]:
+    """The plan for a student of shape ``d`` and a summary of how it was chosen."""
     layout = head_layout(d["hidden_size"], d["num_heads"], teacher.hidden_size,
                          teacher.num_heads)
     layers, selection = choose_layers(cfg, importance.layers)
@@ -231,41 +241,40 @@ def plan_summary(plan: PrunePlan, importance: Importance, layout: HeadLayout,
     }
 
 
-def _is_rank_zero() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def _plan_on_rank_zero(cfg: StudentConfig, teacher, calibration) -> tuple[PrunePlan, dict]:
+def _plan_on_rank_zero(cfg: StudentConfig, d: dict, teacher, calibration,
+                       world) -> tuple[PrunePlan, dict]:
     """Rank 0 measures and plans; every rank gets its plan (or its error, so that no rank
-    waits for a plan that never comes)."""
-    from distill_pretrain.distributed import broadcast_object
-
+    waits for a plan that never comes). ``world``: a distill_common.distributed.World,
+    or None for one process."""
     result, error = None, None
-    if _is_rank_zero():
+    if world is None or world.is_main:
         try:
-            result = plan_pruning(cfg, teacher, measure_importance(teacher, calibration))
+            result = plan_pruning(cfg, d, teacher, measure_importance(teacher, calibration))
         except Exception as err:  # noqa: BLE001 - re-raised below, after the broadcast
             error = err
-    result, message = broadcast_object((result, None if error is None else str(error)))
+    message = None if error is None else str(error)
+    if world is not None:
+        result, message = world.broadcast_object((result, message))
     if error is not None:
         raise error
     if message is not None:
-        _fail("student.init", f"pruned: rank 0 could not measure the teacher's importance: "
-                              f"{message}")
+        fail("student.init", f"pruned: rank 0 could not measure the teacher's importance: "
+                             f"{message}")
     return result
 
 
-def prune_into(student, cfg: StudentConfig, teacher, calibration) -> dict:
-    """Fill ``student`` (a masked-LM model of the pruned shape) with the teacher's kept
-    parts, chosen on ``calibration`` (an iterable of contract-2 batches); returns the
-    summary of what was kept."""
+def prune_into(student, cfg: StudentConfig, d: dict, teacher, calibration,
+               world=None) -> dict:
+    """Fill ``student`` (a masked-LM model of shape ``d``) with the teacher's kept parts,
+    chosen on ``calibration`` (an iterable of contract-2 batches) on ``world``'s rank 0;
+    returns the summary of what was kept."""
     from distill_pretrain.prune_slice import copy_pruned_weights
 
     if calibration is None:
-        _fail("student.init", "pruned measures the teacher on a calibration sample of the "
-                              "training shards, and none was given: set train.data_dir (or "
-                              "prep.output_dir) to the shards of `distill prep`")
-    plan, summary = _plan_on_rank_zero(cfg, teacher, calibration)
+        fail("student.init", "pruned measures the teacher on a calibration sample of the "
+                             "training shards, and none was given: set train.data_dir (or "
+                             "prep.output_dir) to the shards of `distill prep`")
+    plan, summary = _plan_on_rank_zero(cfg, d, teacher, calibration, world)
     copy_pruned_weights(student, teacher, plan)
     if len(plan.hidden) < teacher.hidden_size:
         setattr(student.config, TEACHER_CHANNELS_KEY, plan.hidden)

@@ -10,19 +10,12 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from distill_common.seeding import shared_seed
 from distill_pretrain.architectures import Architecture, dims, embedding_width, layer_list
-from distill_pretrain.config import RecipeValidationError, StudentConfig
+from distill_pretrain.config import RecipeValidationError, StudentConfig, fail
+from distill_pretrain.layer_map import default_teacher_layers
 
 log = logging.getLogger(__name__)
-
-
-def default_teacher_layers(num_student_layers: int, num_teacher_layers: int) -> list[int]:
-    """Evenly spaced from the first to the last teacher layer (1-based): 6 of 12 ->
-    1,3,5,8,10,12, which is DistilBERT's every-other-layer choice."""
-    if num_student_layers == 1:
-        return [num_teacher_layers]
-    step = (num_teacher_layers - 1) / (num_student_layers - 1)
-    return [1 + int(round(i * step)) for i in range(num_student_layers)]
 
 
 def student_dims(cfg: StudentConfig, teacher_config, arch: Architecture) -> dict[str, int]:
@@ -116,33 +109,34 @@ def _init_embeddings(student_emb: nn.Module, teacher_emb: nn.Module, mode: str,
 
 
 def build_student(cfg: StudentConfig, teacher, seed: int = 0, *,
-                  calibration: Optional[Iterable[dict]] = None) -> nn.Module:
+                  calibration: Optional[Iterable[dict]] = None, world=None) -> nn.Module:
     """A masked-LM model of the teacher's family (``AutoModelForMaskedLM``-loadable),
     its MLM head tied to the input embeddings; teacher layers and embeddings copied in
     per ``cfg``, or the student pruned out of the teacher (``init: pruned``, measured on
-    ``calibration``: contract-2 batches of the training shards). The global RNG is left
-    untouched (initialisation uses ``seed``)."""
-    return initialise_student(cfg, teacher, seed, calibration=calibration)[0]
+    ``calibration``: contract-2 batches of the training shards, on ``world``'s rank 0).
+    Every generator is left as it was (initialisation uses ``seed`` on the CPU generator
+    alone, see distill_common.seeding.shared_seed)."""
+    return initialise_student(cfg, teacher, seed, calibration=calibration, world=world)[0]
 
 
 def initialise_student(cfg: StudentConfig, teacher, seed: int = 0, *,
-                       calibration: Optional[Iterable[dict]] = None) -> tuple[nn.Module, dict]:
+                       calibration: Optional[Iterable[dict]] = None,
+                       world=None) -> tuple[nn.Module, dict]:
     """``build_student`` and a summary of how the student was initialised (init.json)."""
     from transformers import AutoModelForMaskedLM
-
-    from distill_pretrain.validate import check_student
 
     arch = teacher.arch
     check_student(cfg, teacher.config, arch, teacher.path)
     conf = student_hf_config(cfg, teacher.config, arch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with shared_seed(seed):  # every rank builds the same student; rank streams untouched
         student = AutoModelForMaskedLM.from_config(conf)
     student.to(dtype=torch.float32)
     if cfg.init == "pruned":
         from distill_pretrain.prune import prune_into
 
-        record = {"init": "pruned", **prune_into(student, cfg, teacher, calibration),
+        shape = student_dims(cfg, teacher.config, arch)
+        record = {"init": "pruned",
+                  **prune_into(student, cfg, shape, teacher, calibration, world),
                   "mlm_head": "teacher" if teacher.has_mlm_head else "fresh"}
     else:
         record = _copy_from_teacher(student, cfg, teacher)
@@ -197,3 +191,50 @@ def _ensure_tied(student: nn.Module) -> None:
     if student.get_output_embeddings().weight is not student.get_input_embeddings().weight:
         raise RuntimeError(f"{type(student).__name__}: MLM decoder is not tied to the input "
                            f"embeddings")
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def check_student(cfg: StudentConfig, teacher_config, arch, teacher_folder) -> None:
+    """The student can be built from this teacher."""
+    d = student_dims(cfg, teacher_config, arch)
+    if cfg.init == "pruned":
+        from distill_pretrain.prune import check_prunable
+
+        check_prunable(cfg, d, teacher_config, arch, teacher_folder)
+        return
+    t_layers, t_hidden, t_heads = dims(teacher_config, arch)
+    t_inter = getattr(teacher_config, arch.intermediate_size_key)
+    if d["hidden_size"] % d["num_heads"]:
+        fail("student.num_heads", f"{d['num_heads']} heads do not divide hidden_size="
+                                   f"{d['hidden_size']}; set student.num_heads to a divisor")
+    if copies_teacher_layers(cfg, teacher_config, arch):
+        same = (d["hidden_size"], d["num_heads"], d["intermediate_size"]) == \
+            (t_hidden, t_heads, t_inter)
+        if not same:
+            fail("student.init", f"teacher_layers copies teacher layers, which needs the "
+                                  f"teacher's shape (hidden {t_hidden}, heads {t_heads}, "
+                                  f"intermediate {t_inter}; {teacher_folder}), got "
+                                  f"{d['hidden_size']}/{d['num_heads']}/"
+                                  f"{d['intermediate_size']}; use init=random for a "
+                                  f"narrower student")
+        if cfg.teacher_layers is not None:
+            bad = [k for k in cfg.teacher_layers if not 1 <= k <= t_layers]
+            if bad:
+                fail("student.teacher_layers", f"layers {bad} are outside 1..{t_layers} "
+                                                f"(the teacher {teacher_folder})")
+        if cfg.num_layers > t_layers:
+            fail("student.num_layers", f"{cfg.num_layers} layers cannot be copied from a "
+                                        f"{t_layers}-layer teacher; use init=random")
+    elif cfg.teacher_layers is not None:
+        fail("student.teacher_layers", "is set, but the student is not initialised from "
+                                        "teacher layers (its shape differs from the "
+                                        "teacher's); drop it or set init=teacher_layers")
+    mode = embedding_init_mode(cfg, teacher_config, arch)
+    if mode == "copy" and d["hidden_size"] != t_hidden:
+        fail("student.embedding_init", f"copy needs the teacher's width {t_hidden}, the "
+                                        f"student has {d['hidden_size']}; use svd or random")
+    if mode == "svd" and d["hidden_size"] > t_hidden:
+        fail("student.embedding_init", f"svd gives at most the teacher's width {t_hidden}, "
+                                        f"the student has {d['hidden_size']}; use random")

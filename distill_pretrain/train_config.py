@@ -57,7 +57,12 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16."""
     device: str = "auto"
-    """auto (cuda when available) | cpu | cuda."""
+    """auto (cuda when available, unless DS_ACCELERATOR=cpu) | cpu | cuda."""
+    dist_timeout_min: float = 30.0
+    """Minutes a collective may wait for the other ranks before the run fails."""
+    profile_sync: bool = False
+    """Exact per-phase timing (time/teacher_ms...) by synchronising the GPU after each
+    phase; off, the phases are timed with CUDA events and nothing waits."""
     offload_optimizer: str = "none"
     """ZeRO-Offload of optimizer states: none | cpu. Needs zero_stage >= 1 and switches to
     DeepSpeed's own (JIT-compiled) AdamW, because ZeRO-Offload refuses a torch optimizer."""
@@ -83,8 +88,13 @@ class TrainConfig:
     """Exponent of the frequency-smoothed selection."""
     shuffle_buffer: int = 1000
     """Samples held in each loader worker's seeded shuffle buffer."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank (0 = read in the training process)."""
+    num_workers: Optional[int] = None
+    """DataLoader worker processes per rank (0 = read in the training process; null = 2 on
+    a GPU, 1 on the CPU: one worker reads, masks and collates > 10,000 sequences/s)."""
+    data_slots: Optional[int] = None
+    """Independent read streams the data is split into (null = ranks x workers at the
+    first start; fixed for the run by its checkpoints). A resume may use any number of
+    ranks x workers up to it; set it higher at the first start for elastic runs."""
     eval_samples: Optional[int] = 2048
     """Validation samples used per evaluation (null = the whole validation split)."""
 
@@ -144,7 +154,12 @@ class TrainConfig:
               f"must be >= 0, got {self.mask_smoothing}")
         check(self.shuffle_buffer >= 1, "shuffle_buffer",
               f"must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
-        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.num_workers is None or self.num_workers >= 0, "num_workers",
+              f"must be >= 0 or null, got {self.num_workers}")
+        check(self.data_slots is None or self.data_slots >= 1, "data_slots",
+              f"must be >= 1 or null, got {self.data_slots}")
+        check(self.dist_timeout_min > 0, "dist_timeout_min",
+              f"must be > 0, got {self.dist_timeout_min}")
         check(self.eval_samples is None or self.eval_samples >= 1, "eval_samples",
               f"must be >= 1 or null, got {self.eval_samples}")
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")

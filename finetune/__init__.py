@@ -15,9 +15,9 @@ from typing import Any
 _EXPORTS = {
     "run_task": "finetune.train",
     "run_tasks": "finetune.train",
-    "write_holdout_file": "finetune.tasks",
+    "write_holdout_file": "finetune.holdout",
     "build_report": "finetune.report",
-    "heldout_doc_hashes": "finetune.tasks",
+    "heldout_doc_hashes": "finetune.holdout",
     "load_task": "finetune.tasks",
     "TaskError": "finetune.tasks",
 }

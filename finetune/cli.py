@@ -187,7 +187,7 @@ def _tasks_list(args: argparse.Namespace) -> int:
 
 
 def _tasks_holdout(args: argparse.Namespace) -> int:
-    from finetune.tasks import write_holdout_file
+    from finetune.holdout import write_holdout_file
 
     n = write_holdout_file(args.tasks, args.out)
     print(f"{n} hashes -> {args.out}")

@@ -355,3 +355,14 @@ def load_task_data(task: TaskConfig) -> TaskData:
     _check_labels(task, data)
     log.info("task %s: %s examples (%s)", task.name, data.sizes(), notes["split"])
     return data
+
+
+def cap_train_split(data: TaskData, max_examples: int | None, seed: int) -> None:
+    """Keep a seeded random ``max_examples`` of the training split (in their order), the
+    subset every model of a comparison is fine-tuned on."""
+    if max_examples and len(data.train) > max_examples:
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        keep = sorted(torch.randperm(len(data.train), generator=gen)[:max_examples].tolist())
+        data.train = [data.train[i] for i in keep]

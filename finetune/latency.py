@@ -39,16 +39,16 @@ def _inputs(vocab_size: int, batch: int, seq_len: int, device) -> dict[str, torc
 
 @torch.inference_mode()
 def time_forward(model, vocab_size: int, batch: int, seq_len: int, warmup: int,
-                 repeats: int, device: torch.device, bf16: bool = False) -> dict:
-    """Median and spread (ms) of ``repeats`` forward passes after ``warmup`` untimed ones."""
+                 repeats: int, device: torch.device) -> dict:
+    """Median and spread (ms) of ``repeats`` forward passes after ``warmup`` untimed ones,
+    in the model's own dtype (bf16 weights are served as bf16, not autocast over fp32)."""
     inputs = _inputs(vocab_size, batch, seq_len, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(warmup + repeats):
         sync()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            model(**inputs)
+        model(**inputs)
         sync()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1000)
@@ -78,11 +78,13 @@ def measure(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, warmup: i
            "cpu_threads": threads, "cpu": cpu, "gpu": None}
     if gpu:
         device = torch.device("cuda")
-        model.to(device)
-        out["gpu"] = [time_forward(model, vocab, b, seq_len, warmup, repeats, device,
-                                   bf16=torch.cuda.is_bf16_supported())
+        # What a GPU serves: bf16 weights where the card has bf16, else fp16.
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        model.to(device, dtype=dtype)
+        out["gpu"] = [time_forward(model, vocab, b, seq_len, warmup, repeats, device)
                       for b in batch_sizes]
         out["gpu_name"] = torch.cuda.get_device_name(device)
+        out["gpu_dtype"] = str(dtype).removeprefix("torch.")
         model.to("cpu")
     del model
     return out

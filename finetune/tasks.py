@@ -1,9 +1,8 @@
 """Task recipes: what a downstream task is (type, data, columns, split, metric).
 
 A task is a small YAML file (format in configs/tasks/README.md); the built-in ones are
-``configs/tasks/<name>.yaml``. ``heldout_doc_hashes`` is the contract with data prep: the
-``doc_hash`` of every validation/test text, so evaluation text stays out of the
-distillation shards.
+``configs/tasks/<name>.yaml``. What a task holds out of the distillation shards is in
+``holdout.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from distill_common.config import ConfigError, check, check_choice, load_config
+from distill_common.errors import DistillUserError
 from finetune.config import HParams
 
 TASK_TYPES = ("classification", "pair_classification", "regression", "token_classification")
@@ -26,7 +26,7 @@ METRICS = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(DistillUserError, ValueError):
     """A task or its data that cannot be used; the message names the file, column or
     label and the fix. Raised before any training starts."""
 
@@ -179,29 +179,3 @@ def load_task(task: "str | Path | TaskConfig", overrides: Sequence[str] = ()) ->
     if cfg.base_dir is None:
         cfg.base_dir = str(path.resolve().parent)
     return cfg
-
-
-def heldout_doc_hashes(task: "str | Path | TaskConfig") -> set[str]:
-    """doc_hash of every validation and test text of the task's deterministic split
-    (both texts of a pair; a token task's words joined by spaces). Prep excludes these
-    from the distillation shards (``prep.holdout``)."""
-    from finetune.data import load_task_data  # reads the data; keep `tasks` light
-
-    data = load_task_data(load_task(task))
-    return data.heldout_hashes()
-
-
-def write_holdout_file(tasks: "str | Path | TaskConfig | Sequence", path: str | Path) -> int:
-    """Write the held-out hashes of one task or several, one per line (the
-    ``prep.holdout`` format, comments start with #); returns how many."""
-    from distill_common.fsio import atomic_write_text
-
-    specs = list(tasks) if isinstance(tasks, (list, tuple)) else [tasks]
-    configs = [load_task(t) for t in specs]
-    hashes: set[str] = set()
-    for cfg in configs:
-        hashes |= heldout_doc_hashes(cfg)
-    names = ", ".join(c.name for c in configs)
-    atomic_write_text(path, f"# held-out validation/test texts of task(s) {names}\n"
-                      + "".join(h + "\n" for h in sorted(hashes)))
-    return len(hashes)

@@ -18,11 +18,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from distill_common.distributed import World, init_world, shutdown
 from distill_common.fsio import atomic_dir, atomic_write_json
 from distill_common.progress import Progress
+from distill_common.seeding import seed_rank_streams
 from finetune.config import DEFAULT_HPARAMS, FinetuneConfig, HParams, merge_hparams
-from finetune.data import TaskData, load_task_data
-from finetune.distributed import DistContext, init_distributed
+from finetune.data import TaskData, cap_train_split, load_task_data
 from finetune.encode import EncodedSplit, collate, encode_split
 from finetune.loading import load_model, load_tokenizer
 from finetune.metrics import task_metrics
@@ -55,7 +56,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 @torch.inference_mode()
 def predict(model, split: EncodedSplit, task: TaskConfig, labels, batch_size: int,
-            device: torch.device, bf16: bool, ctx: DistContext, pad_id: int) -> list:
+            device: torch.device, bf16: bool, ctx: World, pad_id: int) -> list:
     """Predictions in example order: label names, floats, or a tag list per example
     (words cut off by max_length get "O", or the first label when there is no "O")."""
     was_training = model.training
@@ -103,7 +104,7 @@ def _eval_points(steps_per_epoch: int, evals_per_epoch: int) -> set[int]:
     return {round(k * steps_per_epoch / n) for k in range(1, n + 1)}
 
 
-def _epoch_order(n: int, seed: int, epoch: int, ctx: DistContext) -> list[int]:
+def _epoch_order(n: int, seed: int, epoch: int, ctx: World) -> list[int]:
     """Shuffled training indices for this rank; every rank gets the same count (the
     permutation is wrapped around to a multiple of the world size)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -125,12 +126,13 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def train_one_seed(model_dir: Path, task: TaskConfig, data: TaskData, splits: dict,
-                   hp: HParams, seed: int, ctx: DistContext, bf16: bool, pad_id: int):
+                   hp: HParams, seed: int, ctx: World, bf16: bool, pad_id: int):
     """Returns (best model on this rank, per-seed record)."""
     from transformers import get_linear_schedule_with_warmup, set_seed
 
-    set_seed(seed)  # the new head's init and dropout
+    set_seed(seed)  # the new head's init: the same on every rank
     model = load_model(model_dir, task, data.labels).to(ctx.device)
+    seed_rank_streams(seed, ctx.rank)  # dropout and data order: each rank its own stream
     model.train()
     wrapped = model
     if ctx.world_size > 1:
@@ -222,14 +224,6 @@ def resolve_hparams(task: TaskConfig, cfg: FinetuneConfig) -> HParams:
     return merge_hparams(DEFAULT_HPARAMS, task.train, run_layer)
 
 
-def _train_subset(data: TaskData, hp: HParams, task: TaskConfig) -> None:
-    if hp.max_train_examples and len(data.train) > hp.max_train_examples:
-        gen = torch.Generator().manual_seed(task.split.seed)
-        keep = sorted(torch.randperm(len(data.train), generator=gen)[:hp.max_train_examples]
-                      .tolist())
-        data.train = [data.train[i] for i in keep]
-
-
 def _save_model(model, tokenizer, folder: Path, record: dict) -> None:
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
@@ -262,11 +256,12 @@ def run_task(model_dir: "str | Path", task: "str | Path | TaskConfig", out_dir: 
     hp = resolve_hparams(task, cfg)
     tokenizer = load_tokenizer(model_dir, task)  # errors before reading data or training
     data = load_task_data(task)
-    _train_subset(data, hp, task)
+    cap_train_split(data, hp.max_train_examples, task.split.seed)
     threads_before = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    ctx = init_distributed(cfg.device)
+    owns_group = not torch.distributed.is_initialized()
+    ctx = init_world(cfg.device)
     try:
         bf16 = use_bf16(hp.precision, ctx.device)
         splits = {}
@@ -320,7 +315,8 @@ def run_task(model_dir: "str | Path", task: "str | Path | TaskConfig", out_dir: 
         ctx.barrier()
         return results
     finally:
-        ctx.close()
+        if owns_group:
+            shutdown()
         torch.set_num_threads(threads_before)
 
 

@@ -1,6 +1,9 @@
 """The one exception the launcher raises for things a user can fix."""
 
+from __future__ import annotations
 
-class LaunchError(RuntimeError):
-    """Nothing was submitted; the message says what is wrong (file, field) and the fix.
-    `distill` prints it without a traceback (its class name ends with ``LaunchError``)."""
+from distill_common.errors import DistillUserError
+
+
+class LaunchError(DistillUserError, RuntimeError):
+    """Nothing was submitted; the message says what is wrong (file, field) and the fix."""

@@ -24,6 +24,7 @@ from launcher.commands import Step, stage_steps
 from launcher.errors import LaunchError
 from launcher.profiles import (DeepSpeedProfile, LocalProfile, Profile, RayProfile,
                                SlurmProfile, TorchrunProfile, load_profile)
+from launcher.recipe import load_recipe, resolve_recipe_path, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,8 @@ class Plan:
 
 def check_recipe(recipe_arg: str, overrides: Sequence[str]):
     """Load and validate the recipe the way the stages will; errors stop the launch."""
-    from distill_cli.recipe import load_recipe, resolve_recipe_path
-
     recipe = load_recipe(recipe_arg, overrides)
-    try:
-        from distill_pretrain.validate import validate_recipe
-    except ImportError:  # the model-aware checks are not built in this checkout
-        validate_recipe = None
-    if validate_recipe is not None:
-        validate_recipe(recipe)
+    validate_recipe(recipe)
     return recipe, resolve_recipe_path(recipe_arg).resolve()
 
 

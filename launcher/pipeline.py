@@ -23,6 +23,7 @@ from launcher import commands
 from launcher.errors import LaunchError
 from launcher.fingerprint import (STAGES, changed_keys, fingerprint, read_record,
                                   stage_inputs, write_record)
+from launcher.recipe import load_recipe, resolve_recipe_path, validate_recipe
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,6 @@ _RUNNERS: dict[str, Callable[["_Context"], dict]] = {
 
 class _Context:
     def __init__(self, recipe_arg: str, overrides: list[str], cluster: str):
-        from distill_cli.recipe import load_recipe, resolve_recipe_path
-
         self.recipe_arg = recipe_arg
         self.recipe_path = str(resolve_recipe_path(recipe_arg).resolve())
         self.overrides = list(overrides)
@@ -199,8 +198,6 @@ class _Context:
         self.recipe = load_recipe(self.recipe_path, self.overrides)
 
     def add_override(self, key: str, value: str) -> None:
-        from distill_cli.recipe import load_recipe
-
         self.overrides = [o for o in self.overrides if not o.startswith(f"{key}=")]
         self.overrides.append(f"{key}={value}")
         self.recipe = load_recipe(self.recipe_path, self.overrides)
@@ -210,7 +207,7 @@ def _hold_out_eval_text(ctx: _Context) -> None:
     """Keep the fine-tuning tasks' validation/test documents out of the shards."""
     if ctx.recipe.prep.holdout is not None or not ctx.recipe.finetune.tasks:
         return
-    from finetune.tasks import write_holdout_file
+    from finetune.holdout import write_holdout_file
 
     path = Path(ctx.recipe.output_dir).resolve() / "holdout.txt"
     n = write_holdout_file(list(ctx.recipe.finetune.tasks), path)
@@ -225,12 +222,7 @@ def run_pipeline(recipe_arg: str, overrides: Sequence[str] = (),
     """Run the chosen stages in order; returns the outputs of the last run or skipped
     stage of each (``report_md`` among them once the report exists)."""
     ctx = _Context(recipe_arg, list(overrides), cluster)
-    try:
-        from distill_pretrain.validate import validate_recipe
-    except ImportError:
-        validate_recipe = None
-    if validate_recipe is not None:  # before anything expensive starts
-        validate_recipe(ctx.recipe)
+    validate_recipe(ctx.recipe)  # before anything expensive starts
     _hold_out_eval_text(ctx)
     summary: dict = {}
     started = time.perf_counter()

@@ -15,15 +15,13 @@ import sys
 
 
 def _pretrain_rank(config: dict) -> None:
-    """Ray Train worker body: one rank of `distill pretrain`."""
-    from distill_cli.main import main
+    """Ray Train worker body: one rank of `distill pretrain`, called directly."""
+    from distill_common.logs import setup_logging
+    from distill_pretrain.train import run_pretrain
+    from launcher.recipe import load_recipe
 
-    rc = main(["pretrain", config["recipe"], *config["overrides"]])
-    if rc:
-        import os
-
-        raise RuntimeError(f"distill pretrain exited with {rc} on rank "
-                           f"{os.environ.get('RANK', '?')}")
+    setup_logging()
+    run_pretrain(load_recipe(config["recipe"], config["overrides"]).pretrain_job())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import pytest
 
-from distill_cli.recipe import Recipe, configs_dir, load_recipe, resolve_recipe_path
+from launcher.recipe import Recipe, configs_dir, load_recipe, resolve_recipe_path
 from distill_common.config import ConfigError, check, check_choice, load_config, to_yaml
 
 

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from distill_pretrain import data as D
+from distill_common import manifest as shards
+from distill_pretrain.data import decode_ids, read_shard
 from distill_pretrain.calibration import CalibrationSample, calibration_for
 from distill_pretrain.config import StudentConfig, TeacherConfig
 from test_train import assets  # noqa: F401 - the fixture: tiny teacher, tokenizer, shards
 
 
-def _shard_of_each_sequence(shards: Path) -> dict[tuple, int]:
-    manifest = D.load_manifest(str(shards))
+def _shard_of_each_sequence(folder: Path) -> dict[tuple, int]:
+    manifest = shards.load_manifest(str(folder))
     out = {}
-    for number, url in enumerate(D.shard_urls(str(shards), manifest, "train")):
-        for key, payload in D.read_shard(url):
-            out[tuple(D.decode_ids(payload, url, key, 32).tolist())] = number
+    for number, url in enumerate(shards.shard_urls(str(folder), manifest, "train")):
+        for key, payload in read_shard(url):
+            out[tuple(decode_ids(payload, url, key, 32).tolist())] = number
     return out
 
 
@@ -184,10 +185,9 @@ def test_shipped_pruned_recipes_fit_their_teachers(name, shape, student, tmp_pat
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from distill_cli.recipe import load_recipe
+    from launcher.recipe import load_recipe, validate_recipe
     from distill_pretrain.architectures import architecture_of
     from distill_pretrain.student import student_dims
-    from distill_pretrain.validate import validate_recipe
 
     config = AutoConfig.for_model(**shape)
     config.save_pretrained(tmp_path)

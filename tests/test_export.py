@@ -20,16 +20,18 @@ def recompute_eval(model_dir: Path, shards: Path, *, seed: int, batch_size: int,
     the validation batches the trainer built (same masking seed, same per-rank split)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from distill_pretrain import data as D
+    from distill_common import manifest as M
+    from distill_pretrain.masking import build_masker
+    from distill_pretrain.stream import validation_batches
 
     model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    manifest = D.load_manifest(str(shards))
-    masker = D.build_masker(tok, manifest)
+    manifest = M.load_manifest(str(shards))
+    masker = build_masker(tok, manifest)
     correct = count = loss_sum = samples = 0.0
     with torch.no_grad():
         for rank in range(world_size):
-            for batch in D.validation_batches(D.shard_urls(str(shards), manifest, "validation"),
+            for batch in validation_batches(M.shard_urls(str(shards), manifest, "validation"),
                                               seq_len=manifest["seq_len"],
                                               batch_size=batch_size, masker=masker, seed=seed,
                                               rank=rank, world_size=world_size):

@@ -13,7 +13,8 @@ from distill_common.config import ConfigError, load_config
 from distill_common.textnorm import doc_hash
 from finetune.config import FinetuneConfig
 from finetune.data import load_task_data
-from finetune.tasks import TaskError, builtin_tasks, heldout_doc_hashes, load_task
+from finetune.holdout import heldout_doc_hashes
+from finetune.tasks import TaskError, builtin_tasks, load_task
 
 
 def rows(n: int, labels=("a", "b", "c")) -> list[dict]:

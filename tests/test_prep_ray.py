@@ -138,6 +138,46 @@ def test_a_bad_file_in_a_worker_is_a_clear_error(ray_session, tmp_path, tokenize
                  workers=2)
 
 
+@pytest.mark.parametrize("case", ["corrupt.txt.xz", "badpage.parquet", "binary.txt",
+                                  "nested.jsonl"])
+def test_bad_input_in_a_worker_is_the_same_message_as_in_process(ray_session, tmp_path,
+                                                                 tokenizer_dir, case):
+    """A bad file read by a Ray task stops the run with the very line that the in-process
+    run gives; with on_error=skip both count the same."""
+    from data_prep.errors import PrepError
+    from bad_inputs import CASES, MAX_LINE
+
+    (spec,) = [c for c in CASES if c.file == case]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / case).write_bytes(spec.content())
+    (tmp_path / "in" / "good.txt").write_text("the king of the north went to the city\n")
+    messages, dropped = {}, {}
+    for workers in (0, 2):
+        c = cfg(tmp_path / f"w{workers}", tmp_path / "in", doc_split="line",
+                max_line_bytes=MAX_LINE)
+        with pytest.raises(PrepError) as err:
+            run_prep(c, str(tokenizer_dir), workers=workers)
+        messages[workers] = str(err.value)
+        c.on_error = "skip"
+        dropped[workers] = run_prep(c, str(tokenizer_dir), workers=workers)["dropped"]
+    assert messages[2] == messages[0] and case in messages[0] and "\n" not in messages[0]
+    assert dropped[2] == dropped[0] and all(dropped[0][r] == n for r, n in spec.skipped.items())
+
+
+def test_a_task_whose_worker_dies_is_a_clear_error(ray_session):
+    from data_prep.errors import PrepError
+    from data_prep.executor import RayPool
+
+    def die(item, shared):  # defined here: sent by value
+        import os as worker_os
+
+        worker_os._exit(1)
+
+    with pytest.raises(PrepError, match=r"a Ray task lost its worker process .* fix: lower "
+                                        r"--workers"):
+        list(RayPool(1).imap_unordered(die, [0], None))
+
+
 SLOW_CHUNKS = """
 import sys, time
 import data_prep.run as run

@@ -9,7 +9,8 @@ import pytest
 
 from data_prep.errors import PrepError
 from data_prep.scan import STATUS_CODE, load_holdout, scan_unit, Holdout, HOLDOUT, EMPTY, OK
-from data_prep.sources import ReadOptions, read_unit, resolve_source
+from data_prep.readers import read_unit
+from data_prep.sources import ReadOptions, resolve_source
 
 
 def items_of(spec: str, **opts):
@@ -149,7 +150,8 @@ def test_jsonl_line_that_is_not_json(tmp_path):
 def test_jsonl_without_the_text_field(tmp_path):
     f = tmp_path / "a.jsonl"
     f.write_text('{"body": "ok"}\n')
-    with pytest.raises(PrepError, match=r"a.jsonl:1: no string field 'text'.*prep.text_field"):
+    with pytest.raises(PrepError,
+                       match=r"a.jsonl:1: no field .text. \(fields: body\).*prep.text_field"):
         scan(str(f))
 
 

@@ -19,9 +19,9 @@ from distill_pretrain.architectures import ARCHITECTURES, layer_list
 from distill_pretrain.config import RecipeValidationError, StudentConfig, TeacherConfig
 from distill_pretrain.importance import measure_importance
 from distill_pretrain.prune import plan_pruning
-from distill_pretrain.student import build_student, initialise_student
+from distill_pretrain.student import (build_student, check_student, initialise_student,
+                                      student_dims)
 from distill_pretrain.teacher import load_teacher
-from distill_pretrain.validate import check_student
 from test_teacher import save_tiny_family
 
 FAMILIES = sorted(ARCHITECTURES)
@@ -52,8 +52,12 @@ def teachers(tmp_path_factory, tokenizer_dir) -> dict:
             for f in FAMILIES}
 
 
-def plan_for(cfg: StudentConfig, teacher, calibration=CALIBRATION):
-    return plan_pruning(cfg, teacher, measure_importance(teacher, calibration))[0]
+def plan_for(cfg: StudentConfig, teacher, calibration=CALIBRATION, importance=None,
+             summary: bool = False):
+    importance = importance or measure_importance(teacher, calibration)
+    plan = plan_pruning(cfg, student_dims(cfg, teacher.config, teacher.arch), teacher,
+                        importance)
+    return plan if summary else plan[0]
 
 
 def forward(model: nn.Module, batch: dict):
@@ -231,17 +235,20 @@ def test_merged_and_truncated_heads_keep_the_teachers_score_scale(teachers):
 def test_layer_selection_importance_even_or_given(teachers):
     teacher = teachers["bert"]
     importance = measure_importance(teacher, CALIBRATION)
-    chosen = plan_pruning(StudentConfig(num_layers=2, init="pruned"), teacher, importance)
+
+    def layers(**fields):
+        cfg = StudentConfig(num_layers=2, init="pruned", **fields)
+        return plan_for(cfg, teacher, importance=importance).layers
+
     best = sorted(torch.argsort(importance.layers, descending=True)[:2].add(1).tolist())
-    assert chosen[0].layers == best and chosen[1]["layers"]["selection"] == "importance"
-    even = StudentConfig(num_layers=2, init="pruned", layer_selection="even")
-    assert plan_pruning(even, teacher, importance)[0].layers == [1, 3]
-    given = StudentConfig(num_layers=2, init="pruned", teacher_layers=[3, 2])
-    assert plan_pruning(given, teacher, importance)[0].layers == [3, 2]
-    shallow = StudentConfig(num_layers=2, init="pruned", prune_depth=2)  # teacher cut at 2
-    assert plan_pruning(shallow, teacher, importance)[0].layers == [1, 2]
-    even = StudentConfig(num_layers=2, init="pruned", layer_selection="even", prune_depth=2)
-    assert plan_pruning(even, teacher, importance)[0].layers == [1, 2]
+    assert layers() == best
+    summary = plan_for(StudentConfig(num_layers=2, init="pruned"), teacher,
+                       importance=importance, summary=True)[1]
+    assert summary["layers"]["selection"] == "importance"
+    assert layers(layer_selection="even") == [1, 3]
+    assert layers(teacher_layers=[3, 2]) == [3, 2]
+    assert layers(prune_depth=2) == [1, 2]  # the teacher truncated at layer 2
+    assert layers(layer_selection="even", prune_depth=2) == [1, 2]
 
 
 def test_importance_and_student_are_deterministic(teachers):
@@ -261,7 +268,8 @@ def test_importance_and_student_are_deterministic(teachers):
 def test_hidden_cosine_compares_a_narrow_pruned_student_with_the_channels_it_kept(teachers,
                                                                                   tmp_path):
     from distill_pretrain.config import LastLayerConfig, ObjectiveConfig
-    from distill_pretrain.objective import DistillModule, build_objective
+    from distill_pretrain.distill_module import DistillModule
+    from distill_pretrain.objective import build_objective
     from distill_pretrain.prune import TEACHER_CHANNELS_KEY
 
     teacher = teachers["bert"]
@@ -337,14 +345,17 @@ def test_pruning_without_calibration_names_the_data_setting(teachers):
 # --- several ranks ------------------------------------------------------------------------
 
 
-def _build_on_rank(rank: int, world: int, port: int, teacher_dir: str, out: str) -> None:
+def _build_on_rank(rank: int, size: int, port: int, teacher_dir: str, out: str) -> None:
+    from distill_common.distributed import World
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
     try:
         teacher = load_teacher(TeacherConfig(path=teacher_dir))
         # Each rank is handed another sample: the student must still be rank 0's.
         cfg = StudentConfig(num_layers=2, hidden_size=16, intermediate_size=24, init="pruned")
-        student = build_student(cfg, teacher, calibration=random_batches(seed=rank))
+        student = build_student(cfg, teacher, calibration=random_batches(seed=rank),
+                                world=World(rank=rank, world_size=size))
         torch.save(student.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()

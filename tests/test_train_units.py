@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from distill_common.config import ConfigError, load_config
+from distill_common.distributed import World
+from distill_common.seeding import capture_rng, restore_rng
+from distill_common.tracking import Metrics, read_metrics
 from distill_pretrain import checkpoint as ckpt
 from distill_pretrain.engine import deepspeed_config, lr_multiplier, resolve_precision
-from distill_pretrain.metrics import Metrics, read_metrics
 from distill_pretrain.train_config import TrainConfig
 
 
@@ -63,31 +65,39 @@ def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu():
         resolve_precision("fp16", cpu)
 
 
-def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+def test_resume_candidates_are_complete_checkpoints_newest_first(tmp_path):
     root = ckpt.checkpoints_root(tmp_path)
     for step, complete in ((4, True), (8, True), (12, False)):  # 12: crashed mid-save
         folder = root / ckpt.tag_for(step)
         folder.mkdir(parents=True)
         if complete:
             (folder / ckpt.COMPLETE).write_text("{}")
-    assert ckpt.find_resume(tmp_path, "auto") == root / "step-00000008"
-    assert ckpt.find_resume(tmp_path, "never") is None
-    assert ckpt.find_resume(tmp_path / "nothing", "auto") is None
+    assert ckpt.candidates(tmp_path, "auto") == [root / "step-00000008", root / "step-00000004"]
+    assert ckpt.candidates(tmp_path, "never") == []
+    assert ckpt.candidates(tmp_path / "nothing", "auto") == []
     with pytest.raises(ckpt.CheckpointUserError, match="interrupted"):
-        ckpt.find_resume(tmp_path, str(root / "step-00000012"))
-    ckpt._prune(root, keep_last=1)
-    assert [p.name for p in ckpt.list_checkpoints(root, complete_only=False)] == \
-        ["step-00000008", "step-00000012"]  # 12 is newer than 8: a save of it may resume
+        ckpt.candidates(tmp_path, str(root / "step-00000012"))
+
+
+def test_prune_keeps_the_newest_and_drops_interrupted_saves(tmp_path):
+    root = ckpt.checkpoints_root(tmp_path)
+    for name in ("step-00000004", "step-00000008", "step-00000020"):
+        (root / name).mkdir(parents=True)
+        (root / name / ckpt.COMPLETE).write_text("{}")
+    (root / ".tmp-step-00000016-beef").mkdir()  # a save killed half-way
+    saver = ckpt.Checkpointer(None, World(), tmp_path, keep_last=2, record={})
+    saver._prune(root / "step-00000020")
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000008", "step-00000020"]
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    state = ckpt.capture_rng()
+    state = capture_rng()
     want = (random.random(), np.random.rand(), torch.rand(1).item())
-    ckpt._save_rank_state(tmp_path / "rank-00000.pt", {"rng": state})
+    torch.save({"rng": state}, tmp_path / "rank-00000.pt")
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     loaded = torch.load(tmp_path / "rank-00000.pt", weights_only=True)
-    ckpt.restore_rng(loaded["rng"])
+    restore_rng(loaded["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
 
 

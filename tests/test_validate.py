@@ -8,10 +8,11 @@ import shutil
 
 import pytest
 
-from distill_cli.recipe import Recipe
 from distill_common.config import ConfigError, load_config
-from distill_pretrain.objective import ModelShape
-from distill_pretrain.validate import RecipeValidationError, check_objective, validate_recipe
+from distill_pretrain.config import RecipeValidationError
+from distill_pretrain.layer_map import ModelShape
+from distill_pretrain.objective import check_objective
+from launcher.recipe import Recipe, validate_recipe
 
 QKV = ["objective.qkv_relation_kl.relation_heads=8"]
 

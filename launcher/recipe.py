@@ -1,7 +1,10 @@
 """The recipe: one YAML file that every stage reads its own section of.
 
-The launcher and the pipeline only pass recipes around; no stage re-declares another's
-knobs. Paths a stage hands to the next default to folders under ``output_dir``.
+The recipe type composes the stages' own config types, so it lives above them, here; the
+launcher, the pipeline and the CLI pass recipes around and hand each stage only its
+sections (``pretrain_job()``, ``recipe.prep``...). No stage re-declares another's knobs.
+Paths a stage hands to the next default to folders under ``output_dir``. Checks that
+span stages (the shards' tokenizer is the teacher's) are here too.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from data_prep.config import PrepConfig
-from distill_common.config import check, load_config
-from distill_pretrain.config import ObjectiveConfig, StudentConfig, TeacherConfig
+from distill_common.config import check, load_config, to_dict
+from distill_pretrain.config import ObjectiveConfig, PretrainJob, StudentConfig, TeacherConfig
 from distill_pretrain.train_config import TrainConfig
 from finetune.config import FinetuneConfig, ReportConfig
 
@@ -51,6 +54,12 @@ class Recipe:
         if self.report.output_dir is None:
             self.report.output_dir = f"{root}/report"
 
+    def pretrain_job(self) -> PretrainJob:
+        """The sections `distill pretrain` reads, plus the whole recipe for the record."""
+        return PretrainJob(name=self.name, seed=self.seed, teacher=self.teacher,
+                           student=self.student, objective=self.objective, train=self.train,
+                           recipe=to_dict(self))
+
 
 def configs_dir() -> Path:
     """The shipped recipes: the repository's ``configs/`` (or ``DISTILL_CONFIGS_DIR``)."""
@@ -68,3 +77,36 @@ def resolve_recipe_path(name_or_path: str) -> Path:
 
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
     return load_config(Recipe, resolve_recipe_path(name_or_path), overrides)
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Every check that needs the teacher's files: the pretraining sections against the
+    teacher, then the shards' tokenizer (when the recipe names one) against it."""
+    from distill_pretrain.validate import validate_models
+
+    validate_models(recipe.teacher, recipe.student, recipe.objective)
+    _check_data_tokenizer(recipe)
+
+
+def _check_data_tokenizer(recipe: Recipe) -> None:
+    """When the recipe names the tokenizer of its shards, it must be the teacher's."""
+    if not recipe.prep.tokenizer:
+        return
+    from transformers import AutoTokenizer
+
+    from distill_common.assets import resolve_model_dir
+    from distill_common.textnorm import vocab_hash
+    from distill_pretrain.config import fail
+
+    teacher = resolve_model_dir(recipe.teacher.path)
+    try:
+        data_tokenizer = resolve_model_dir(str(recipe.prep.tokenizer))
+    except Exception:  # not a model folder / asset: prep checks its own field
+        return
+    if Path(data_tokenizer).resolve() == Path(teacher).resolve():
+        return
+    if vocab_hash(AutoTokenizer.from_pretrained(teacher)) != \
+            vocab_hash(AutoTokenizer.from_pretrained(data_tokenizer)):
+        fail("prep.tokenizer", f"{data_tokenizer} has another vocabulary than the teacher "
+                               f"{teacher}; the teacher and student read the same token ids, "
+                               f"so tokenize with the teacher's tokenizer")

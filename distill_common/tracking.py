@@ -1,5 +1,6 @@
-"""One metrics interface: TensorBoard (rank 0), the same figures in ``metrics.jsonl``, and
-a progress line with rate and ETA. The training loop calls ``log`` and nothing else.
+"""One metrics interface for every stage that trains: TensorBoard (rank 0), the same
+figures in ``metrics.jsonl``, and a progress line with rate and ETA. A training loop calls
+``log`` and nothing else.
 
 Names are TensorBoard tags: ``train/total``, ``train/part/<objective>``, ``train/lr``,
 ``eval/mlm_accuracy``, ``time/data``... Each JSONL line is ``{"step": n, "time": unix,
@@ -15,6 +16,7 @@ import math
 import time
 from pathlib import Path
 
+from distill_common.fsio import atomic_write_text
 from distill_common.progress import format_seconds
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,23 @@ class Metrics:
                                         purge_step=start_step + 1 if start_step else None)
 
     def _drop_after(self, step: int) -> None:
+        """Keep the records up to ``step``. A line a killed run left half-written is
+        dropped with a warning, not a crash (every resume would meet it again)."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        kept, torn = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                torn += 1
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        if torn:
+            log.warning("%s: dropped %d unreadable line(s) (a run killed while writing)",
+                        self.path, torn)
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, step: int, values: dict[str, float], *, progress: bool = True) -> None:
         if not self.enabled:
@@ -90,5 +104,12 @@ class Metrics:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl (for tests, the model card and the report)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl (for tests, the model card and the report); a torn
+    last line is skipped."""
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
