@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from distill_common import manifest as shards
 from distill_common.assets import resolve_model_dir
 from distill_common.distributed import World, check_shared_folder, init_world, shutdown
+from distill_common.folder_lock import FolderInUseUserError, FolderLock
 from distill_common.fsio import atomic_write_json
 from distill_common.seeding import capture_rng, restore_rng, seed_rank_streams
 from distill_common.tracking import Metrics
@@ -76,6 +77,16 @@ def pretrain(job: PretrainJob) -> TrainResult:
                     str(teacher_dir))
 
     world = init_world(cfg.device, timeout_min=cfg.dist_timeout_min, always_group=True)
+    lock = _lock_output(world, cfg.output_dir)
+    try:
+        return _pretrain(job, world, manifest)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(job: PretrainJob, world: World, manifest: dict) -> TrainResult:
+    cfg = job.train
     check_shared_folder(world, cfg.output_dir, "train.output_dir")
     seed_rank_streams(job.seed, world.rank)
     precision = resolve_precision(cfg.precision, world.device)
@@ -119,6 +130,21 @@ def pretrain(job: PretrainJob) -> TrainResult:
     finally:
         metrics.close()
     return _finish(outcome, saver, state, cfg, world)
+
+
+def _lock_output(world: World, folder: str) -> FolderLock | None:
+    """One run per output folder (a second one would delete the first's checkpoints):
+    rank 0 holds the lock, and every rank fails alike when another run has it."""
+    lock, error = None, None
+    if world.is_main:
+        try:
+            lock = FolderLock(folder, "pretrain").acquire()
+        except FolderInUseUserError as err:
+            error = str(err)
+    error = world.broadcast_object(error)
+    if error:
+        raise FolderInUseUserError(error)
+    return lock
 
 
 # --- resume ---------------------------------------------------------------------------------
