@@ -28,12 +28,12 @@ from distill_common.seeding import capture_rng, restore_rng, seed_rank_streams
 from distill_common.tracking import Metrics
 from distill_pretrain import checkpoint as ckpt
 from distill_pretrain import resume
+from distill_pretrain.calibration import calibration_for
 from distill_pretrain.config import PretrainJob
 from distill_pretrain.data import check_tokenizer, load_token_counts
 from distill_pretrain.engine import (COMPUTE_DTYPES, EngineModule, adopt_process_group,
                                      build_engine, resolve_precision)
 from distill_pretrain.loop import LoopOutcome, TrainLoop, TrainState
-from distill_pretrain.calibration import calibration_for
 from distill_pretrain.masking import build_masker
 from distill_pretrain.objective import build_objective
 from distill_pretrain.stream import (StreamPosition, TrainStream, train_loader,
