@@ -1,7 +1,8 @@
 """Does distillation pay? The same student shape, three ways, fine-tuned on both real tasks.
 
   (a) distilled from the teacher with the recipe (default: configs/demo.yaml);
-  (b) the same student initialised from teacher layers, not distilled;
+  (b) the same student as pretraining starts it (`distill init`: teacher layers, or
+      pruned out of the teacher for a pruned recipe), not distilled;
   (c) the same student randomly initialised and trained with MLM only, same steps/data.
 
 Each is fine-tuned on bbc_news and wiki_topic with several seeds (plus the teacher), and
@@ -107,17 +108,13 @@ def main() -> int:
     from distill_common.assets import resolve_model_dir
     recipe_a = load_recipe(args.recipe, a_overrides)
 
-    # (b) teacher-layer init, no distillation: the student as pretraining would start it
-    # (from the shared recipe: --set-a does not reach it).
+    # (b) no distillation: the student as pretraining would start it (`distill init`:
+    # teacher layers, or pruned on the shared shards for a pruned recipe), from the shared
+    # recipe (--set-a does not reach it).
     b_dir = out / "b" / "student"
     if not (b_dir / "config.json").is_file():
-        from distill_pretrain.student import build_student
-        from distill_pretrain.teacher import load_teacher
-        recipe_b = load_recipe(args.recipe, [f"output_dir={out}/b", *common])
-        teacher = load_teacher(recipe_b.teacher)
-        student = build_student(recipe_b.student, teacher, seed=recipe_b.seed)
-        student.save_pretrained(b_dir)
-        teacher.tokenizer.save_pretrained(b_dir)
+        distill_cli("init", args.recipe, str(b_dir), f"output_dir={out}/b",
+                    f"prep.output_dir={shards}", *common)
 
     # (c) random init, MLM only, same steps and data.
     t0 = time.perf_counter()

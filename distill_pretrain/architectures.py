@@ -30,6 +30,13 @@ class Architecture:
     key: str
     value: str
     """Linear projections (hidden -> heads * head_size) inside one layer."""
+    attention_output: str
+    """Linear projection (heads * head_size -> hidden) of the attention context, in a layer."""
+    ffn_in: str
+    """Feed-forward Linear (hidden -> intermediate) inside one layer."""
+    ffn_out: str
+    """Feed-forward Linear (intermediate -> hidden) inside one layer; its input is the
+    activation (after the nonlinearity)."""
     mlm_head: tuple[str, ...]
     """Modules of the masked-LM model mapping last hidden states to vocabulary logits."""
     head_weight_prefixes: tuple[str, ...]
@@ -48,11 +55,18 @@ class Architecture:
     """(module inside a layer, positional index, keyword) of an additive attention-score
     bias passed to that module (MPNet's relative position bias), captured with a
     forward pre-hook so rebuilt attention scores match the model's own."""
+    shared_head_bias: Optional[str] = None
+    """nn.Embedding (buckets, heads) in the base model that every layer's attention adds
+    per head (MPNet's relative attention bias): heads must be pruned alike in all layers."""
+    embeddings_project: Optional[str] = None
+    """Linear (embedding width -> hidden) in the base model after the embeddings (ELECTRA,
+    present when embedding_size differs from hidden_size)."""
 
 
 _BERT_LIKE = dict(embeddings="embeddings", layers="encoder.layer",
                   query="attention.self.query", key="attention.self.key",
-                  value="attention.self.value")
+                  value="attention.self.value", attention_output="attention.output.dense",
+                  ffn_in="intermediate.dense", ffn_out="output.dense")
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("bert", **_BERT_LIKE, mlm_head=("cls",),
@@ -62,13 +76,17 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("electra", **_BERT_LIKE,
                  mlm_head=("generator_predictions", "generator_lm_head"),
                  head_weight_prefixes=("generator_lm_head.", "generator_predictions."),
-                 embedding_size_key="embedding_size"),
+                 embedding_size_key="embedding_size", embeddings_project="embeddings_project"),
     Architecture("mpnet", embeddings="embeddings", layers="encoder.layer",
                  query="attention.attn.q", key="attention.attn.k", value="attention.attn.v",
-                 mlm_head=("lm_head",), head_weight_prefixes=("lm_head.",),
-                 position_bias=("attention.attn", 2, "position_bias")),
+                 attention_output="attention.attn.o", ffn_in="intermediate.dense",
+                 ffn_out="output.dense", mlm_head=("lm_head",),
+                 head_weight_prefixes=("lm_head.",),
+                 position_bias=("attention.attn", 2, "position_bias"),
+                 shared_head_bias="encoder.relative_attention_bias"),
     Architecture("distilbert", embeddings="embeddings", layers="transformer.layer",
                  query="attention.q_lin", key="attention.k_lin", value="attention.v_lin",
+                 attention_output="attention.out_lin", ffn_in="ffn.lin1", ffn_out="ffn.lin2",
                  mlm_head=("vocab_transform", "activation", "vocab_layer_norm",
                            "vocab_projector"),
                  head_weight_prefixes=("vocab_projector.", "vocab_transform."),

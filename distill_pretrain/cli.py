@@ -1,4 +1,5 @@
-"""`distill pretrain RECIPE [k=v...]` and `distill export CKPT_DIR OUT_DIR`."""
+"""`distill pretrain RECIPE [k=v...]`, `distill init RECIPE OUT_DIR [k=v...]` and
+`distill export CKPT_DIR OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ def register(sub, add_recipe_args) -> None:
                                         "(one process, or one rank of torchrun / Slurm)")
     add_recipe_args(p)
     p.set_defaults(func=_pretrain)
+    i = sub.add_parser("init", help="write the student as pretraining would start it (any "
+                                    "student.init, pruned included) as a Hugging Face "
+                                    "folder with init.json (what it kept of the teacher)")
+    i.add_argument("recipe", help="recipe YAML (a path, or a name in configs/)")
+    i.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face folder to write")
+    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. student.hidden_size=256")
+    i.set_defaults(func=_init)
     e = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder")
     e.add_argument("checkpoint", metavar="CKPT_DIR",
                    help="a checkpoint folder (step-NNNNNNNN) or a run's train.output_dir "
@@ -34,6 +43,19 @@ def _pretrain(args: argparse.Namespace) -> int:
     if result.export_dir is not None:
         print(f"student: {result.export_dir}")
     print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    import json
+
+    from distill_pretrain.initial import write_initial_student
+
+    folder = write_initial_student(args.load_recipe().pretrain_job(), args.out_dir)
+    record = json.loads((folder / "init.json").read_text())
+    shape = record["student"]
+    print(f"student ({record['init']}, {shape['layers']} x {shape['hidden_size']}, "
+          f"{shape['heads']} heads, FFN {shape['intermediate_size']}): {folder}")
     return 0
 
 

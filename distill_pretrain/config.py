@@ -54,11 +54,25 @@ class StudentConfig:
     intermediate_size: Optional[int] = None
     """Feed-forward width; default: the teacher's ratio (usually 4x) times hidden_size."""
     init: str = "auto"
-    """auto | teacher_layers | random. auto: copy teacher layers when the student has the
-    teacher's width, heads and feed-forward size and at most its depth, else random."""
+    """auto | teacher_layers | pruned | random. auto: copy teacher layers when the student
+    has the teacher's width, heads and feed-forward size and at most its depth, else
+    random. pruned: cut the student out of the teacher (any shape up to the teacher's:
+    layers, hidden channels, heads, FFN neurons), keeping what matters most on a
+    calibration sample of the training shards (distill_pretrain/prune.py)."""
     teacher_layers: Optional[List[int]] = None
     """Teacher layers (1..L) copied into student layers 1..num_layers when init copies
-    layers; default: evenly spaced from first to last (DistilBERT: 1,3,5,8,10,12 of 12)."""
+    layers; default: evenly spaced from first to last (DistilBERT: 1,3,5,8,10,12 of 12).
+    With init=pruned: the teacher layers to cut the student layers from."""
+    layer_selection: Optional[str] = None
+    """init=pruned only: importance (the layers that change their input most on the
+    calibration sample, 1 - cosine(input, output)) | even (evenly spaced, as
+    teacher_layers' default); default importance. teacher_layers overrides both."""
+    calibration_samples: int = 256
+    """init=pruned: training-shard sequences the teacher's activations are measured on."""
+    prune_depth: Optional[int] = None
+    """init=pruned: cut the student from teacher layers 1..prune_depth only (default: all
+    of them). With an objective on an upper-middle teacher layer k (the teacher then runs
+    k layers only), prune_depth=k cuts the student from the layers that run."""
     embedding_init: str = "auto"
     """auto | copy | svd | random. auto: copy at the teacher's width, else svd (the
     teacher's embeddings projected on their top singular directions)."""
@@ -76,7 +90,7 @@ class StudentConfig:
         if self.hidden_size is not None and self.num_heads is not None:
             check(self.hidden_size % self.num_heads == 0, "num_heads",
                   f"must divide hidden_size={self.hidden_size}, got {self.num_heads}")
-        check_choice(self.init, "init", ("auto", "teacher_layers", "random"))
+        check_choice(self.init, "init", ("auto", "teacher_layers", "pruned", "random"))
         check_choice(self.embedding_init, "embedding_init", ("auto", "copy", "svd", "random"))
         if self.teacher_layers is not None:
             check(len(self.teacher_layers) == self.num_layers, "teacher_layers",
@@ -86,6 +100,23 @@ class StudentConfig:
                   f"layers are numbered from 1, got {self.teacher_layers}")
             check(self.init != "random", "teacher_layers",
                   "is set but init=random copies no layers; drop one of the two")
+        if self.layer_selection is not None:
+            check_choice(self.layer_selection, "layer_selection", ("importance", "even"))
+            check(self.init == "pruned", "layer_selection",
+                  f"is only read with init=pruned (got init={self.init}); drop it")
+            check(self.teacher_layers is None, "layer_selection",
+                  "is set together with teacher_layers, which already chooses the layers; "
+                  "drop one of the two")
+        check(self.calibration_samples >= 1, "calibration_samples",
+              f"must be >= 1, got {self.calibration_samples}")
+        if self.prune_depth is not None:
+            check(self.init == "pruned", "prune_depth",
+                  f"is only read with init=pruned (got init={self.init}); drop it")
+            check(self.prune_depth >= self.num_layers, "prune_depth",
+                  f"{self.prune_depth} teacher layers cannot give num_layers="
+                  f"{self.num_layers} student layers")
+            check(max(self.teacher_layers or [1]) <= self.prune_depth, "teacher_layers",
+                  f"{self.teacher_layers} go deeper than prune_depth={self.prune_depth}")
         for name in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
             check(value is None or 0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
@@ -231,7 +262,8 @@ class ObjectiveConfig:
     mlm: Optional[MLMConfig] = None
     """Student masked-LM cross-entropy."""
     hidden_cosine: Optional[LastLayerConfig] = None
-    """DistilBERT: 1 - cos(student, teacher) hidden states (equal widths)."""
+    """DistilBERT: 1 - cos(student, teacher) hidden states (equal widths; a narrower
+    student.init=pruned student is compared with the teacher channels it kept)."""
     hidden_mse: Optional[LayerMapConfig] = None
     """TinyBERT: MSE(student hidden W_h, teacher hidden), W_h learned when widths differ."""
     attention_score_mse: Optional[LayerMapConfig] = None

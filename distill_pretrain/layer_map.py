@@ -10,6 +10,15 @@ from distill_pretrain.config import (LastLayerConfig, LayerMapConfig, ObjectiveC
                                      parse_layer_choice)
 
 
+def default_teacher_layers(num_student_layers: int, num_teacher_layers: int) -> list[int]:
+    """Evenly spaced from the first to the last teacher layer (1-based): 6 of 12 ->
+    1,3,5,8,10,12, which is DistilBERT's every-other-layer choice."""
+    if num_student_layers == 1:
+        return [num_teacher_layers]
+    step = (num_teacher_layers - 1) / (num_student_layers - 1)
+    return [1 + int(round(i * step)) for i in range(num_student_layers)]
+
+
 def resolve_layer(choice: str, num_layers: int) -> int:
     """'last' -> L; 'upper_middle' -> L - L//8 (21 of 24); '7' -> 7."""
     parsed = parse_layer_choice(choice)

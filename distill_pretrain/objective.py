@@ -29,6 +29,7 @@ from distill_pretrain.layer_map import ModelShape, objective_layer_pairs
 from distill_pretrain.objective_outputs import (ObjectiveOutput, StudentOutputs, TeacherOutputs,
                                                 TeacherSide)
 from distill_pretrain.objective_stats import evaluation_stats
+from distill_pretrain.prune import kept_channels, teacher_channels_of
 
 
 # ------------------------------------------------------------------ terms
@@ -54,9 +55,10 @@ class DistillationObjective(nn.Module):
 
     def __init__(self, cfg: ObjectiveConfig, teacher_shape: ModelShape,
                  student_shape: ModelShape, teacher_arch: Architecture,
-                 student_arch: Architecture, teacher_has_head: bool):
+                 student_arch: Architecture, teacher_has_head: bool,
+                 teacher_channels: Optional[list[int]] = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.teacher_channels = cfg, teacher_channels  # see prune.py
         self.teacher_shape, self.student_shape = teacher_shape, student_shape
         self.teacher_arch, self.student_arch = teacher_arch, student_arch
         self.projections = nn.ModuleDict()
@@ -122,7 +124,8 @@ class DistillationObjective(nn.Module):
         self._capture(student_hidden=[s_layer], teacher_hidden=[t_layer])
         self.terms.append(Term(
             "hidden_cosine", section.weight,
-            target=lambda t, mask: t.captured.hidden[t_layer],
+            target=lambda t, mask: kept_channels(t.captured.hidden[t_layer],
+                                                 self.teacher_channels),
             compute=lambda s, target, mask, labels: losses.hidden_cosine(
                 s.captured.hidden[s_layer], target, mask)))
 
@@ -271,12 +274,13 @@ def build_objective(cfg: ObjectiveConfig, teacher, student_config) -> Distillati
     teacher_shape = ModelShape(teacher.num_layers, teacher.hidden_size, teacher.num_heads,
                                embedding_width(teacher.config, teacher.arch))
     student_shape = ModelShape.of(student_config, student_arch)
+    channels = teacher_channels_of(student_config, teacher_shape.hidden_size)
     check_objective(cfg, teacher_shape=teacher_shape, student_shape=student_shape,
                     teacher_has_head=teacher.has_mlm_head, teacher_folder=teacher.path,
                     teacher_vocab=teacher.config.vocab_size,
-                    student_vocab=student_config.vocab_size)
+                    student_vocab=student_config.vocab_size, student_pruned=bool(channels))
     return DistillationObjective(cfg, teacher_shape, student_shape, teacher.arch,
-                                 student_arch, teacher.has_mlm_head)
+                                 student_arch, teacher.has_mlm_head, channels)
 
 
 # ------------------------------------------------------------------ checks
@@ -290,8 +294,8 @@ REPRESENTATION_HINT = ("use a representation recipe instead, e.g. configs/minilm
 def check_objective(cfg: ObjectiveConfig, *, teacher_shape: ModelShape,
                     student_shape: ModelShape, teacher_has_head: bool,
                     teacher_folder: Path | str, teacher_vocab: int,
-                    student_vocab: int) -> None:
-    """Every active term fits this teacher and student; raises RecipeValidationError."""
+                    student_vocab: int, student_pruned: bool = False) -> None:
+    """Every active term fits both models (pruned: see prune.py); raises otherwise."""
     active = cfg.active()
     if not active:
         fail("objective", "no objective is set; set at least one section, e.g. "
@@ -325,11 +329,11 @@ def check_objective(cfg: ObjectiveConfig, *, teacher_shape: ModelShape,
                   f"{student_shape.num_heads}; set student.num_heads="
                   f"{teacher_shape.num_heads} if it divides the student width, or use "
                   f"objective.qkv_relation_kl (MiniLMv2), which works across head counts")
-    if "hidden_cosine" in active and student_shape.hidden_size != teacher_shape.hidden_size:
+    if "hidden_cosine" in active and student_shape.hidden_size != teacher_shape.hidden_size \
+            and not student_pruned:
         fail("objective.hidden_cosine",
               f"needs equal widths (teacher {teacher_shape.hidden_size}, student "
-              f"{student_shape.hidden_size}); use objective.hidden_mse, which learns a "
-              f"projection")
+              f"{student_shape.hidden_size}) or student.init=pruned; use hidden_mse")
     relation = cfg.qkv_relation_kl
     if relation is not None:
         r = relation.relation_heads

@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from distill_common.seeding import shared_seed
-from distill_pretrain.architectures import Architecture, dims, layer_list
+from distill_pretrain.architectures import Architecture, dims, embedding_width, layer_list
 from distill_pretrain.config import RecipeValidationError, StudentConfig, fail
+from distill_pretrain.layer_map import default_teacher_layers
 
 log = logging.getLogger(__name__)
-
-
-def default_teacher_layers(num_student_layers: int, num_teacher_layers: int) -> list[int]:
-    """Evenly spaced from the first to the last teacher layer (1-based): 6 of 12 ->
-    1,3,5,8,10,12, which is DistilBERT's every-other-layer choice."""
-    if num_student_layers == 1:
-        return [num_teacher_layers]
-    step = (num_teacher_layers - 1) / (num_student_layers - 1)
-    return [1 + int(round(i * step)) for i in range(num_student_layers)]
 
 
 def student_dims(cfg: StudentConfig, teacher_config, arch: Architecture) -> dict[str, int]:
@@ -34,6 +27,8 @@ def student_dims(cfg: StudentConfig, teacher_config, arch: Architecture) -> dict
         heads = cfg.num_heads
     elif hidden == t_hidden:
         heads = t_heads
+    elif cfg.init == "pruned" and hidden % (t_hidden // t_heads) == 0:
+        heads = hidden // (t_hidden // t_heads)  # pruning keeps the teacher's head size
     else:
         heads = max(1, hidden // 64)
     inter = cfg.intermediate_size or int(round(hidden * t_inter / t_hidden))
@@ -43,7 +38,7 @@ def student_dims(cfg: StudentConfig, teacher_config, arch: Architecture) -> dict
 
 def copies_teacher_layers(cfg: StudentConfig, teacher_config, arch: Architecture) -> bool:
     """Whether the student is initialised from teacher layers (see StudentConfig.init)."""
-    if cfg.init == "random":
+    if cfg.init in ("random", "pruned"):
         return False
     if cfg.init == "teacher_layers":
         return True
@@ -70,7 +65,10 @@ def student_hf_config(cfg: StudentConfig, teacher_config, arch: Architecture):
     setattr(conf, arch.hidden_size_key, d["hidden_size"])
     setattr(conf, arch.num_heads_key, d["num_heads"])
     setattr(conf, arch.intermediate_size_key, d["intermediate_size"])
-    if arch.model_type == "electra" and d["hidden_size"] != dims(teacher_config, arch)[1]:
+    t_hidden = dims(teacher_config, arch)[1]
+    projected = embedding_width(teacher_config, arch) != t_hidden
+    if arch.model_type == "electra" and d["hidden_size"] != t_hidden and \
+            not (cfg.init == "pruned" and projected):  # pruning keeps projected embeddings
         conf.embedding_size = d["hidden_size"]
     if cfg.attention_dropout is not None:
         setattr(conf, arch.attention_dropout_key, cfg.attention_dropout)
@@ -110,11 +108,21 @@ def _init_embeddings(student_emb: nn.Module, teacher_emb: nn.Module, mode: str,
             s_mod.weight.copy_((t_mod.weight.float() @ projection).to(s_mod.weight.dtype))
 
 
-def build_student(cfg: StudentConfig, teacher, seed: int = 0) -> nn.Module:
+def build_student(cfg: StudentConfig, teacher, seed: int = 0, *,
+                  calibration: Optional[Iterable[dict]] = None, world=None) -> nn.Module:
     """A masked-LM model of the teacher's family (``AutoModelForMaskedLM``-loadable),
     its MLM head tied to the input embeddings; teacher layers and embeddings copied in
-    per ``cfg``. Every generator is left as it was (initialisation uses ``seed`` on the
-    CPU generator alone, see distill_common.seeding.shared_seed)."""
+    per ``cfg``, or the student pruned out of the teacher (``init: pruned``, measured on
+    ``calibration``: contract-2 batches of the training shards, on ``world``'s rank 0).
+    Every generator is left as it was (initialisation uses ``seed`` on the CPU generator
+    alone, see distill_common.seeding.shared_seed)."""
+    return initialise_student(cfg, teacher, seed, calibration=calibration, world=world)[0]
+
+
+def initialise_student(cfg: StudentConfig, teacher, seed: int = 0, *,
+                       calibration: Optional[Iterable[dict]] = None,
+                       world=None) -> tuple[nn.Module, dict]:
+    """``build_student`` and a summary of how the student was initialised (init.json)."""
     from transformers import AutoModelForMaskedLM
 
     arch = teacher.arch
@@ -123,11 +131,29 @@ def build_student(cfg: StudentConfig, teacher, seed: int = 0) -> nn.Module:
     with shared_seed(seed):  # every rank builds the same student; rank streams untouched
         student = AutoModelForMaskedLM.from_config(conf)
     student.to(dtype=torch.float32)
+    if cfg.init == "pruned":
+        from distill_pretrain.prune import prune_into
+
+        shape = student_dims(cfg, teacher.config, arch)
+        record = {"init": "pruned",
+                  **prune_into(student, cfg, shape, teacher, calibration, world),
+                  "mlm_head": "teacher" if teacher.has_mlm_head else "fresh"}
+    else:
+        record = _copy_from_teacher(student, cfg, teacher)
+    _ensure_tied(student)
+    student.train()
+    return student, record
+
+
+def _copy_from_teacher(student: nn.Module, cfg: StudentConfig, teacher) -> dict:
+    """Embeddings (copy / SVD) and, when the shape allows, chosen teacher layers."""
+    arch = teacher.arch
     teacher_base, student_base = teacher.base, student.base_model
     emb_mode = embedding_init_mode(cfg, teacher.config, arch)
     _init_embeddings(student_base.get_submodule(arch.embeddings),
                      teacher_base.get_submodule(arch.embeddings), emb_mode,
                      arch.word_embeddings)
+    record = {"init": "random", "embedding_init": emb_mode, "mlm_head": "fresh"}
     if copies_teacher_layers(cfg, teacher.config, arch):
         chosen = cfg.teacher_layers or default_teacher_layers(cfg.num_layers,
                                                               teacher.total_layers)
@@ -141,10 +167,12 @@ def build_student(cfg: StudentConfig, teacher, seed: int = 0) -> nn.Module:
                 s_layers[s_index].load_state_dict(t_layers[t_number - 1].state_dict())
         if teacher.has_mlm_head and emb_mode == "copy":
             _copy_mlm_head(student, teacher.model, arch)
+            record["mlm_head"] = "teacher"
         log.info("student: layers copied from teacher layers %s", chosen)
-    _ensure_tied(student)
-    student.train()
-    return student
+        record.update(init="teacher_layers", layers={
+            "selection": "teacher_layers" if cfg.teacher_layers else "even",
+            "teacher_layers": chosen})
+    return record
 
 
 @torch.no_grad()
@@ -170,9 +198,14 @@ def _ensure_tied(student: nn.Module) -> None:
 
 def check_student(cfg: StudentConfig, teacher_config, arch, teacher_folder) -> None:
     """The student can be built from this teacher."""
+    d = student_dims(cfg, teacher_config, arch)
+    if cfg.init == "pruned":
+        from distill_pretrain.prune import check_prunable
+
+        check_prunable(cfg, d, teacher_config, arch, teacher_folder)
+        return
     t_layers, t_hidden, t_heads = dims(teacher_config, arch)
     t_inter = getattr(teacher_config, arch.intermediate_size_key)
-    d = student_dims(cfg, teacher_config, arch)
     if d["hidden_size"] % d["num_heads"]:
         fail("student.num_heads", f"{d['num_heads']} heads do not divide hidden_size="
                                    f"{d['hidden_size']}; set student.num_heads to a divisor")

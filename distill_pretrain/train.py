@@ -29,6 +29,7 @@ from distill_common.seeding import capture_rng, restore_rng, seed_rank_streams
 from distill_common.tracking import Metrics
 from distill_pretrain import checkpoint as ckpt
 from distill_pretrain import resume
+from distill_pretrain.calibration import calibration_for
 from distill_pretrain.config import PretrainJob
 from distill_pretrain.data import check_tokenizer, load_token_counts
 from distill_pretrain.engine import (COMPUTE_DTYPES, EngineModule, adopt_process_group,
@@ -92,7 +93,8 @@ def _pretrain(job: PretrainJob, world: World, manifest: dict) -> TrainResult:
     precision = resolve_precision(cfg.precision, world.device)
     teacher = load_teacher(job.teacher, device=world.device, dtype=COMPUTE_DTYPES[precision])
     start = _resume_point(job, world, manifest, precision)
-    student = build_student(job.student, teacher, seed=job.seed)
+    student = build_student(job.student, teacher, seed=job.seed, world=world,
+                            calibration=calibration_for(job.student, cfg.data_dir, job.seed))
     adopt_process_group(world, cfg.dist_timeout_min)
     engine, scheduler = build_engine(
         EngineModule(student, build_objective(job.objective, teacher, student.config)),

@@ -30,4 +30,5 @@ def validate_models(teacher: TeacherConfig, student: StudentConfig,
                     student_shape=ModelShape.of(student_config, student_arch),
                     teacher_has_head=has_mlm_head(folder, arch), teacher_folder=folder,
                     teacher_vocab=hf_config.vocab_size,
-                    student_vocab=student_config.vocab_size)
+                    student_vocab=student_config.vocab_size,
+                    student_pruned=student.init == "pruned")

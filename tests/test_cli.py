@@ -9,7 +9,7 @@ import pytest
 
 from distill_cli.main import build_parser, main
 
-SUBCOMMANDS = ["assets", "prep", "pretrain", "export", "finetune", "report", "launch", "run",
+SUBCOMMANDS = ["assets", "prep", "pretrain", "init", "export", "finetune", "report", "launch", "run",
                "config"]
 
 
