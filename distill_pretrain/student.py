@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ def student_hf_config(cfg: StudentConfig, teacher_config, arch: Architecture):
     return conf
 
 
-def _svd_projection(word_embeddings: torch.Tensor, width: int) -> torch.Tensor:
+def svd_projection(word_embeddings: torch.Tensor, width: int) -> torch.Tensor:
     """(teacher_width, width): the top right-singular directions of the teacher's token
     embeddings E, so E @ P is E's best rank-``width`` approximation in student space.
     Taken from the eigenvectors of E^T E (teacher_width^2, cheap for any vocabulary),
@@ -89,7 +90,11 @@ def _svd_projection(word_embeddings: torch.Tensor, width: int) -> torch.Tensor:
     e = word_embeddings.double()
     eigenvalues, eigenvectors = torch.linalg.eigh(e.T @ e)  # ascending
     order = eigenvalues.argsort(descending=True)[:width]
-    return eigenvectors[:, order].float()
+    chosen = eigenvectors[:, order]
+    # An eigenvector's sign is arbitrary: fix it (largest entry positive) so that the
+    # export, which recomputes P to carry the teacher's pooler over, gets the same basis.
+    signs = chosen.gather(0, chosen.abs().argmax(0, keepdim=True)).sign()
+    return (chosen * signs).float()
 
 
 @torch.no_grad()
@@ -102,11 +107,31 @@ def _init_embeddings(student_emb: nn.Module, teacher_emb: nn.Module, mode: str,
         return
     teacher_word = teacher_emb.get_submodule(word_path).weight
     width = student_emb.get_submodule(word_path).weight.shape[1]
-    projection = _svd_projection(teacher_word, width)
+    projection = svd_projection(teacher_word, width)
     for name, t_mod in teacher_emb.named_modules():
         if isinstance(t_mod, nn.Embedding):
             s_mod = student_emb.get_submodule(name)
             s_mod.weight.copy_((t_mod.weight.float() @ projection).to(s_mod.weight.dtype))
+
+
+def chosen_teacher_layers(cfg: StudentConfig, teacher_config, arch: Architecture
+                          ) -> Optional[list[int]]:
+    """Teacher layers (1-based) copied into the student, or None when none are."""
+    if not copies_teacher_layers(cfg, teacher_config, arch):
+        return None
+    return cfg.teacher_layers or default_teacher_layers(cfg.num_layers,
+                                                        dims(teacher_config, arch)[0])
+
+
+def init_record(cfg: StudentConfig, teacher_config, arch: Architecture,
+                teacher_has_mlm_head: bool) -> dict:
+    """How build_student initialises the student (kept in the run's record so that the
+    export knows which parts started from the teacher)."""
+    emb_mode = embedding_init_mode(cfg, teacher_config, arch)
+    layers = chosen_teacher_layers(cfg, teacher_config, arch)
+    return {"teacher_layers": layers, "embeddings": emb_mode,
+            "mlm_head": "teacher" if layers and teacher_has_mlm_head and emb_mode == "copy"
+            else "fresh"}
 
 
 def build_student(cfg: StudentConfig, teacher, seed: int = 0) -> nn.Module:
@@ -129,9 +154,8 @@ def build_student(cfg: StudentConfig, teacher, seed: int = 0) -> nn.Module:
     _init_embeddings(student_base.get_submodule(arch.embeddings),
                      teacher_base.get_submodule(arch.embeddings), emb_mode,
                      arch.word_embeddings)
-    if copies_teacher_layers(cfg, teacher.config, arch):
-        chosen = cfg.teacher_layers or default_teacher_layers(cfg.num_layers,
-                                                              teacher.total_layers)
+    chosen = chosen_teacher_layers(cfg, teacher.config, arch)
+    if chosen:
         if max(chosen) > teacher.num_layers:
             raise RecipeValidationError(
                 f"student.teacher_layers: {chosen} needs teacher layer {max(chosen)} but "
@@ -140,7 +164,8 @@ def build_student(cfg: StudentConfig, teacher, seed: int = 0) -> nn.Module:
         with torch.no_grad():
             for s_index, t_number in enumerate(chosen):
                 s_layers[s_index].load_state_dict(t_layers[t_number - 1].state_dict())
-        if teacher.has_mlm_head and emb_mode == "copy":
+        if init_record(cfg, teacher.config, arch, teacher.has_mlm_head)["mlm_head"] == \
+                "teacher":
             _copy_mlm_head(student, teacher.model, arch)
         log.info("student: layers copied from teacher layers %s", chosen)
     _ensure_tied(student)

@@ -254,7 +254,7 @@ def pretrain(recipe) -> TrainResult:
     from distill_common.assets import resolve_model_dir
     from distill_common.config import to_dict
     from distill_pretrain.objective import build_objective
-    from distill_pretrain.student import build_student
+    from distill_pretrain.student import build_student, init_record
     from distill_pretrain.teacher import load_teacher
     from distill_pretrain.validate import validate_recipe
 
@@ -321,6 +321,8 @@ def pretrain(recipe) -> TrainResult:
                 "teacher": {"path": str(teacher.path), "layers": teacher.total_layers,
                             "hidden_size": teacher.hidden_size,
                             "has_mlm_head": teacher.has_mlm_head},
+                "student_init": init_record(recipe.student, teacher.config, teacher.arch,
+                                           teacher.has_mlm_head),
                 "precision": precision, "world_size": world.world_size}
 
     def save(final_eval: dict | None = None) -> Path:
@@ -437,7 +439,8 @@ def pretrain(recipe) -> TrainResult:
         from distill_pretrain.export import export_checkpoint
 
         if world.is_main:
-            export_dir = export_checkpoint(last_saved, cfg.export_dir)
+            export_dir = export_checkpoint(last_saved, cfg.export_dir, onnx=cfg.export_onnx,
+                                           onnx_int8=cfg.export_onnx_int8)
         barrier()
         export_dir = Path(cfg.export_dir)
     return TrainResult(rank=world.rank, step=state.step, output_dir=output_dir,

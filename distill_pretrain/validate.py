@@ -169,3 +169,11 @@ def validate_recipe(recipe) -> None:
                     teacher_vocab=hf_config.vocab_size,
                     student_vocab=student_config.vocab_size)
     _check_data_tokenizer(recipe, folder)
+    if recipe.train.export and (recipe.train.export_onnx or recipe.train.export_onnx_int8):
+        from distill_common.onnx_export import OnnxUserError, require_onnx
+
+        try:  # now, not after hours of training
+            require_onnx()
+        except OnnxUserError as err:
+            raise RecipeValidationError(f"train.export_onnx: {err}; or set "
+                                        f"train.export_onnx=false") from None
