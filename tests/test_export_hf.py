@@ -314,3 +314,21 @@ def test_pretrain_from_a_hub_st_teacher_exports_everything(tmp_path, hf_home):  
     assert "pipeline_tag: sentence-similarity" in card and str(tmp_path) not in card
     record = json.loads((student / "distill_run.json").read_text())["export"]
     assert (record["mlm_head"], record["pooler"]) == ("none", "teacher")
+
+
+def test_card_quotes_the_speed_ups_of_a_report(tmp_path, tiny_teacher_nohead_dir):
+    """`distill export ... --report report.json`: the speed-ups `distill report` measured
+    for this folder (matched by path) go into the card."""
+    from distill_pretrain.export import export_checkpoint
+
+    run = write_checkpoint(tmp_path / "run", str(tiny_teacher_nohead_dir),
+                           student={"num_layers": 2}, objective=MINILM)
+    out = tmp_path / "student"
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"models": {
+        "teacher": {"path": str(tiny_teacher_nohead_dir), "speedup": {"cpu_b1": 1.0}},
+        "student": {"path": str(out), "speedup": {"cpu_b1": 1.91, "cpu_b32": 1.94}}}}))
+    export_checkpoint(run, out, report=report)
+    card = (out / "README.md").read_text()
+    assert "speed-up over the teacher (CPU, batch 1): 1.91x" in card
+    assert "speed-up over the teacher (CPU, batch 32): 1.94x" in card
