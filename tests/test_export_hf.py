@@ -332,3 +332,30 @@ def test_card_quotes_the_speed_ups_of_a_report(tmp_path, tiny_teacher_nohead_dir
     card = (out / "README.md").read_text()
     assert "speed-up over the teacher (CPU, batch 1): 1.91x" in card
     assert "speed-up over the teacher (CPU, batch 32): 1.94x" in card
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "mpnet", "distilbert", "electra"])
+def test_each_family_exports_its_base_model_with_the_teachers_pooler(
+        model_type, tmp_path, tokenizer_dir):
+    """Headless teachers of every family: the base model class is saved, with the
+    teacher's pooler where the family has one; AutoModel loads it with nothing missing."""
+    from transformers import AutoModel
+
+    from distill_pretrain.export import export_checkpoint
+    from test_teacher import save_tiny_family
+
+    teacher = save_tiny_family(tmp_path / "teacher", model_type, tokenizer_dir,
+                               with_head=False)
+    run = write_checkpoint(tmp_path / "run", str(teacher), student={"num_layers": 2},
+                           objective=MINILM)
+    out = export_checkpoint(run, tmp_path / "student")
+    model, info = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and type(model).__name__ == \
+        type(AutoModel.from_pretrained(teacher)).__name__
+    record = json.loads((out / "distill_run.json").read_text())["export"]
+    if model_type in ("roberta", "mpnet"):
+        assert record["pooler"] == "teacher"
+        want = AutoModel.from_pretrained(teacher).pooler.dense.weight
+        assert torch.equal(model.pooler.dense.weight, want)
+    else:
+        assert record["pooler"] == "none" and not any("pooler" in k for k in weights(out))
