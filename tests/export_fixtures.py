@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+# An objective that never trains the MLM head (MiniLM: attention and value relations).
+MINILM = {"attention_kl": {"weight": 1.0}, "value_relation_kl": {"weight": 1.0}}
+
 LEGACY_MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
