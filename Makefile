@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and exactly: anything else lets pip pull a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test,onnx]'
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

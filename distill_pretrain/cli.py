@@ -24,6 +24,18 @@ def register(sub, add_recipe_args) -> None:
                    help="a checkpoint folder (step-NNNNNNNN) or a run's train.output_dir "
                         "(its newest complete checkpoint)")
     e.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face folder to write")
+    e.add_argument("--onnx", action="store_true",
+                   help="also write the encoder in ONNX: OUT_DIR/onnx/model.onnx")
+    e.add_argument("--onnx-int8", action="store_true",
+                   help="also write a dynamic int8 variant: OUT_DIR/onnx/model_int8.onnx "
+                        "(implies --onnx)")
+    e.add_argument("--teacher", metavar="DIR_OR_ID",
+                   help="the teacher (folder, asset or Hub id) when the one the run recorded "
+                        "is not reachable here; its pooler and sentence-transformers layout "
+                        "are carried over")
+    e.add_argument("--report", metavar="REPORT_JSON",
+                   help="a `distill report` report.json: the card quotes the speed-ups it "
+                        "measured for OUT_DIR")
     e.set_defaults(func=_export)
 
 
@@ -62,5 +74,6 @@ def _init(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from distill_pretrain.export import export_checkpoint
 
-    print(export_checkpoint(args.checkpoint, args.out_dir))
+    print(export_checkpoint(args.checkpoint, args.out_dir, teacher=args.teacher,
+                            onnx=args.onnx, onnx_int8=args.onnx_int8, report=args.report))
     return 0

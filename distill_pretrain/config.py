@@ -33,7 +33,10 @@ def fail(key: str, message: str) -> NoReturn:
 @dataclass
 class TeacherConfig:
     path: str = "minilm_l6"
-    """A Hugging Face model folder, or the name of an asset (`distill assets list`)."""
+    """A Hugging Face model folder, the name of an asset (`distill assets list`), or a
+    Hugging Face Hub id with an optional revision: `bert-base-uncased`,
+    `sentence-transformers/all-MiniLM-L6-v2@<branch, tag or commit>`, read from the Hub
+    cache (HF_HOME / HF_HUB_CACHE; only the cache with HF_HUB_OFFLINE=1)."""
     dtype: Optional[str] = None
     """float32 | bfloat16 | float16; default: the training precision the trainer passes."""
 

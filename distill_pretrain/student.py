@@ -80,7 +80,7 @@ def student_hf_config(cfg: StudentConfig, teacher_config, arch: Architecture):
     return conf
 
 
-def _svd_projection(word_embeddings: torch.Tensor, width: int) -> torch.Tensor:
+def svd_projection(word_embeddings: torch.Tensor, width: int) -> torch.Tensor:
     """(teacher_width, width): the top right-singular directions of the teacher's token
     embeddings E, so E @ P is E's best rank-``width`` approximation in student space.
     Taken from the eigenvectors of E^T E (teacher_width^2, cheap for any vocabulary),
@@ -88,7 +88,11 @@ def _svd_projection(word_embeddings: torch.Tensor, width: int) -> torch.Tensor:
     e = word_embeddings.double()
     eigenvalues, eigenvectors = torch.linalg.eigh(e.T @ e)  # ascending
     order = eigenvalues.argsort(descending=True)[:width]
-    return eigenvectors[:, order].float()
+    chosen = eigenvectors[:, order]
+    # An eigenvector's sign is arbitrary: fix it (largest entry positive) so that the
+    # export, which recomputes P to carry the teacher's pooler over, gets the same basis.
+    signs = chosen.gather(0, chosen.abs().argmax(0, keepdim=True)).sign()
+    return (chosen * signs).float()
 
 
 @torch.no_grad()
@@ -101,7 +105,7 @@ def _init_embeddings(student_emb: nn.Module, teacher_emb: nn.Module, mode: str,
         return
     teacher_word = teacher_emb.get_submodule(word_path).weight
     width = student_emb.get_submodule(word_path).weight.shape[1]
-    projection = _svd_projection(teacher_word, width)
+    projection = svd_projection(teacher_word, width)
     for name, t_mod in teacher_emb.named_modules():
         if isinstance(t_mod, nn.Embedding):
             s_mod = student_emb.get_submodule(name)
@@ -135,7 +139,7 @@ def initialise_student(cfg: StudentConfig, teacher, seed: int = 0, *,
         from distill_pretrain.prune import prune_into
 
         shape = student_dims(cfg, teacher.config, arch)
-        record = {"init": "pruned",
+        record = {"init": "pruned", "embeddings": "pruned",
                   **prune_into(student, cfg, shape, teacher, calibration, world),
                   "mlm_head": "teacher" if teacher.has_mlm_head else "fresh"}
     else:
@@ -153,7 +157,9 @@ def _copy_from_teacher(student: nn.Module, cfg: StudentConfig, teacher) -> dict:
     _init_embeddings(student_base.get_submodule(arch.embeddings),
                      teacher_base.get_submodule(arch.embeddings), emb_mode,
                      arch.word_embeddings)
-    record = {"init": "random", "embedding_init": emb_mode, "mlm_head": "fresh"}
+    # "embeddings" is what the export reads to carry the teacher's pooler over
+    record = {"init": "random", "embedding_init": emb_mode, "embeddings": emb_mode,
+              "mlm_head": "fresh", "teacher_layers": None}
     if copies_teacher_layers(cfg, teacher.config, arch):
         chosen = cfg.teacher_layers or default_teacher_layers(cfg.num_layers,
                                                               teacher.total_layers)
@@ -169,7 +175,7 @@ def _copy_from_teacher(student: nn.Module, cfg: StudentConfig, teacher) -> dict:
             _copy_mlm_head(student, teacher.model, arch)
             record["mlm_head"] = "teacher"
         log.info("student: layers copied from teacher layers %s", chosen)
-        record.update(init="teacher_layers", layers={
+        record.update(init="teacher_layers", teacher_layers=chosen, layers={
             "selection": "teacher_layers" if cfg.teacher_layers else "even",
             "teacher_layers": chosen})
     return record

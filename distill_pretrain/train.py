@@ -39,7 +39,7 @@ from distill_pretrain.masking import build_masker
 from distill_pretrain.objective import build_objective
 from distill_pretrain.stream import (StreamPosition, TrainStream, train_loader,
                                      validation_batches)
-from distill_pretrain.student import build_student
+from distill_pretrain.student import initialise_student
 from distill_pretrain.teacher import load_teacher
 from distill_pretrain.validate import validate_models
 
@@ -93,8 +93,9 @@ def _pretrain(job: PretrainJob, world: World, manifest: dict) -> TrainResult:
     precision = resolve_precision(cfg.precision, world.device)
     teacher = load_teacher(job.teacher, device=world.device, dtype=COMPUTE_DTYPES[precision])
     start = _resume_point(job, world, manifest, precision)
-    student = build_student(job.student, teacher, seed=job.seed, world=world,
-                            calibration=calibration_for(job.student, cfg.data_dir, job.seed))
+    student, student_init = initialise_student(
+        job.student, teacher, seed=job.seed, world=world,
+        calibration=calibration_for(job.student, cfg.data_dir, job.seed))
     adopt_process_group(world, cfg.dist_timeout_min)
     engine, scheduler = build_engine(
         EngineModule(student, build_objective(job.objective, teacher, student.config)),
@@ -104,7 +105,8 @@ def _pretrain(job: PretrainJob, world: World, manifest: dict) -> TrainResult:
         engine, world, cfg.output_dir, cfg.keep_last,
         record={"data_fingerprint": start.data_fingerprint, "run_settings": start.settings,
                 "train_settings": resume.train_settings(cfg)},
-        write_extra=_hf_writer(job, engine, teacher, manifest, precision, world))
+        write_extra=_hf_writer(job, engine, teacher, manifest, precision, world,
+                               student_init))
     state, position = start.load(checkpoints, engine, scheduler, cfg, world)
 
     masker = _masker(cfg, teacher, manifest)
@@ -237,12 +239,13 @@ class _Saver:
 
 
 def _hf_writer(job: PretrainJob, engine, teacher, manifest: dict, precision: str,
-               world: World):
+               world: World, student_init: dict):
     run_info = {"recipe": job.recipe, "manifest": _manifest_summary(manifest),
                 "teacher": {"path": str(teacher.path), "layers": teacher.total_layers,
                             "hidden_size": teacher.hidden_size,
                             "has_mlm_head": teacher.has_mlm_head},
-                "precision": precision, "world_size": world.world_size}
+                "student_init": student_init, "precision": precision,
+                "world_size": world.world_size}
 
     def write(folder: Path, extra: dict) -> None:
         hf = folder / "hf"
@@ -265,7 +268,8 @@ def _finish(outcome: LoopOutcome, saver: _Saver, state: TrainState, cfg,
         from distill_pretrain.export import export_checkpoint
 
         if world.is_main:
-            export_checkpoint(last, cfg.export_dir)
+            export_checkpoint(last, cfg.export_dir, onnx=cfg.export_onnx,
+                              onnx_int8=cfg.export_onnx_int8)
         world.barrier()
         export_dir = Path(cfg.export_dir)
     return TrainResult(rank=world.rank, step=state.step, output_dir=Path(cfg.output_dir),

@@ -117,6 +117,11 @@ class TrainConfig:
     """Write TensorBoard events under output_dir/tensorboard."""
     export: bool = True
     """Export the student to export_dir at the end of the run."""
+    export_onnx: bool = False
+    """Also write the exported encoder in ONNX (export_dir/onnx/model.onnx; needs the
+    `onnx` extra: onnx, onnxruntime, onnxscript)."""
+    export_onnx_int8: bool = False
+    """Also write its dynamic int8 variant (export_dir/onnx/model_int8.onnx)."""
 
     def __post_init__(self):
         self.betas = list(self.betas)

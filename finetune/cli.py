@@ -168,7 +168,8 @@ def _report(args: argparse.Namespace) -> int:
                 if task.name not in results[name]:
                     out = Path(args.out) / "finetune" / name / task.name
                     results[name][task.name] = run_task(folder, task, out, ft_cfg)
-    report = build_report(models, results, args.out, teacher, cfg)
+    report = build_report(models, results, args.out, teacher, cfg,
+                          task_configs={t.name: t for t in map(load_task, args.task)})
     summary = {name: {"params": row["parameters"], "speedup": row["speedup"],
                       "scores": {t: e["score"] for t, e in row["tasks"].items()}}
                for name, row in report["models"].items()}

@@ -144,7 +144,17 @@ class ReportConfig:
     """Draws of the paired bootstrap behind each student's gap to the teacher and its 95%
     interval (from the predictions results.json keeps); 0 leaves the interval out."""
 
+    onnx: bool = False
+    """Also time every encoder under ONNX Runtime (fp32 and dynamic int8) and check that
+    each fine-tuned model, exported to ONNX, scores its test split as under PyTorch (needs
+    the `onnx` extra)."""
+    onnx_tolerance: float = 0.005
+    """Largest |ONNX - PyTorch| test score (a fraction: 0.005 = half a point) that counts
+    as equal."""
+
     def __post_init__(self):
+        check(self.onnx_tolerance >= 0, "onnx_tolerance",
+              f"must be >= 0, got {self.onnx_tolerance}")
         check(self.bootstrap_draws >= 0, "bootstrap_draws",
               f"must be >= 0 (0: no interval), got {self.bootstrap_draws}")
         check(len(self.latency_batch_sizes) > 0 and all(b > 0 for b in self.latency_batch_sizes),

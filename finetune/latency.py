@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -37,6 +37,27 @@ def _inputs(vocab_size: int, batch: int, seq_len: int, device) -> dict[str, torc
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
+def _timed(call: Callable[[], object], warmup: int, repeats: int,
+           sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls after ``warmup`` untimed ones."""
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _latency_row(batch: int, seq_len: int, times: list[float]) -> dict:
+    median = statistics.median(times)
+    return {"batch": batch, "seq_len": seq_len, "median_ms": round(median, 3),
+            "min_ms": round(min(times), 3), "max_ms": round(max(times), 3),
+            "throughput_seq_per_s": round(batch / (median / 1000), 2)}
+
+
 @torch.inference_mode()
 def time_forward(model, vocab_size: int, batch: int, seq_len: int, warmup: int,
                  repeats: int, device: torch.device) -> dict:
@@ -44,18 +65,7 @@ def time_forward(model, vocab_size: int, batch: int, seq_len: int, warmup: int,
     in the model's own dtype (bf16 weights are served as bf16, not autocast over fp32)."""
     inputs = _inputs(vocab_size, batch, seq_len, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + repeats):
-        sync()
-        start = time.perf_counter()
-        model(**inputs)
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    median = statistics.median(times)
-    return {"batch": batch, "seq_len": seq_len, "median_ms": round(median, 3),
-            "min_ms": round(min(times), 3), "max_ms": round(max(times), 3),
-            "throughput_seq_per_s": round(batch / (median / 1000), 2)}
+    return _latency_row(batch, seq_len, _timed(lambda: model(**inputs), warmup, repeats, sync))
 
 
 def measure(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, warmup: int,
@@ -93,3 +103,38 @@ def measure(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, warmup: i
 def latency_at(measured: dict, where: str, batch: int) -> Optional[float]:
     rows = measured.get(where) or []
     return next((r["median_ms"] for r in rows if r["batch"] == batch), None)
+
+
+def onnx_latency(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, *,
+                 warmup: int = 3, repeats: int = 10, threads: Optional[int] = None,
+                 onnx_dir: Optional[Path] = None, int8: bool = True) -> dict:
+    """ONNX Runtime (CPU) latency rows of the folder's bare encoder, like ``measure``'s:
+    ``{"ort": [...], "ort_int8": [...]}``. Uses ``model_dir/onnx/model.onnx`` (and
+    ``model_int8.onnx``) when `distill export --onnx` wrote them, else exports into
+    ``onnx_dir``. ``threads``: ORT intra-op threads (the PyTorch rows' count, to compare)."""
+    import json
+
+    from distill_common.onnx_export import export_encoder, ort_feed, ort_session
+
+    model_dir = Path(model_dir)
+    files = {"ort": model_dir / "onnx" / "model.onnx",
+             "ort_int8": model_dir / "onnx" / "model_int8.onnx"}
+    if not files["ort"].is_file() or (int8 and not files["ort_int8"].is_file()):
+        if onnx_dir is None:
+            raise ValueError(f"{model_dir}: no onnx/model.onnx; give onnx_dir to export to")
+        exported = export_encoder(model_dir, Path(onnx_dir), int8=int8)
+        files = dict(zip(("ort", "ort_int8"), exported))
+    config = json.loads((model_dir / "config.json").read_text())
+    seq_len = min(seq_len, config.get("max_position_embeddings", seq_len + 2) - 2)
+    out = {}
+    for key, path in files.items():
+        if key == "ort_int8" and not int8:
+            continue
+        session = ort_session(path, threads)
+        rows = []
+        for batch in batch_sizes:
+            feed = ort_feed(session, _inputs(config["vocab_size"], batch, seq_len, "cpu"))
+            rows.append(_latency_row(batch, seq_len, _timed(lambda: session.run(None, feed),
+                                                            warmup, repeats)))
+        out[key] = rows
+    return out

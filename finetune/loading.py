@@ -4,36 +4,19 @@ anything trains."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
+from distill_common.hf_quiet import quiet_hf_loading
 from finetune.tasks import TaskConfig, TaskError
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
-
-
-@contextlib.contextmanager
-def quiet_hf_loading() -> Iterator[None]:
-    """transformers prints a load report listing every fresh head weight as MISSING, and a
-    progress bar, on each load; we check the loading info ourselves and say what matters."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def load_encoder(model_dir: Path):

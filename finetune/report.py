@@ -17,7 +17,8 @@ import torch
 from distill_common.fsio import atomic_write_json, atomic_write_text
 from finetune.config import ReportConfig
 from finetune.latency import latency_at, measure
-from finetune.tasks import TaskError
+from finetune.onnx_report import onnx_section, ort_cells, ort_header
+from finetune.tasks import TaskConfig, TaskError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,14 @@ def _gap_to_teacher(student: Optional[Mapping], teacher: Optional[Mapping],
 
 
 def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mapping[str, Mapping]],
-                 out_dir: "str | Path", teacher: str, cfg: Optional[ReportConfig] = None) -> dict:
+                 out_dir: "str | Path", teacher: str, cfg: Optional[ReportConfig] = None,
+                 task_configs: Optional[Mapping[str, "TaskConfig"]] = None) -> dict:
     """Compare ``models`` (name -> HF folder or model asset name) on the tasks in ``results`` (model name ->
     task name -> run_task dict; a missing pair shows as no score). Retention and
     speed-up are relative to ``models[teacher]``. Writes report.json, report.md,
-    score_vs_size.png and score_vs_latency.png into ``out_dir``; returns the report."""
+    score_vs_size.png and score_vs_latency.png into ``out_dir``; returns the report.
+    ``task_configs``: task name -> TaskConfig for tasks that are not built-in (the ONNX
+    check re-reads their test split)."""
     cfg = cfg or ReportConfig()
     if teacher not in models:
         raise TaskError(f"report: teacher {teacher!r} is not one of the models "
@@ -69,15 +73,21 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
     if unknown:
         raise TaskError(f"report: results for {unknown} but no such model; models are "
                         f"{sorted(models)}")
+    if cfg.onnx:
+        from distill_common.onnx_export import require_onnx
+
+        require_onnx()  # before the PyTorch measurements, not after
     out_dir = Path(out_dir)
     threads = cfg.threads or torch.get_num_threads()
     gpu = cfg.gpu == "auto" and torch.cuda.is_available()
     tasks = sorted({t for per_model in results.values() for t in per_model})
     rows: dict[str, dict] = {}
+    folders: dict[str, Path] = {}
     from distill_common.assets import resolve_model_dir
 
     for name, folder in models.items():
-        folder = Path(folder) if Path(folder).is_dir() else resolve_model_dir(str(folder))
+        folder = folders[name] = Path(folder) if Path(folder).is_dir() \
+            else resolve_model_dir(str(folder))
         if not (folder / "config.json").is_file():
             raise TaskError(f"report: model {name!r}: {folder} is not a Hugging Face model "
                             f"folder (no config.json)")
@@ -88,6 +98,10 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
         row["size_mb"] = round(row["size_bytes"] / 2**20, 2)
         row["tasks"] = {t: _task_entry(r) for t, r in results.get(name, {}).items()}
         rows[name] = row
+    if cfg.onnx:
+        from finetune.onnx_report import add_onnx
+
+        add_onnx(rows, folders, results, cfg, out_dir, threads, task_configs)
     base = rows[teacher]
     for name, row in rows.items():
         row["compression"] = _ratio(base["parameters"], row["parameters"])
@@ -140,7 +154,7 @@ def to_markdown(report: dict) -> str:
              "## Size and speed", ""]
     head = ["model", "params (M)", "size (MB)", "compression"] + \
         [f"CPU b{b} (ms)" for b in batches] + [f"CPU seq/s b{batches[-1]}"] + \
-        [f"speed-up CPU b{b}" for b in batches]
+        [f"speed-up CPU b{b}" for b in batches] + ort_header(report)
     if has_gpu:
         head += [f"GPU b{b} (ms)" for b in batches] + [f"speed-up GPU b{b}" for b in batches]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -151,6 +165,7 @@ def to_markdown(report: dict) -> str:
         cells += [_fmt(latency_at(row, "cpu", b), ".1f") for b in batches]
         cells += [_fmt(row["cpu"][-1]["throughput_seq_per_s"], ".1f")]
         cells += [_fmt(row["speedup"].get(f"cpu_b{b}"), ".2f", "x") for b in batches]
+        cells += ort_cells(report, row, _fmt)
         if has_gpu:
             cells += [_fmt(latency_at(row, "gpu", b), ".2f") for b in batches]
             cells += [_fmt(row["speedup"].get(f"gpu_b{b}"), ".2f", "x") for b in batches]
@@ -188,6 +203,7 @@ def to_markdown(report: dict) -> str:
                 lines.append(f"| {name} | {t} | {100 * g['diff']:+.2f} | "
                              f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
                              f"{100 * g['p_a_ahead']:.0f}% |")
+    lines += onnx_section(report)
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"

@@ -148,7 +148,9 @@ def _stage_export(ctx: "_Context") -> dict:
     # checkpoint is cheap and makes `--force export` (or an exporter fix) take effect.
     from distill_pretrain.export import export_checkpoint
 
-    out = export_checkpoint(ctx.recipe.train.output_dir, ctx.recipe.train.export_dir)
+    train = ctx.recipe.train
+    out = export_checkpoint(train.output_dir, train.export_dir, onnx=train.export_onnx,
+                            onnx_int8=train.export_onnx_int8)
     return {"student": str(out)}
 
 
@@ -175,11 +177,12 @@ def _stage_finetune(ctx: "_Context") -> dict:
 def _stage_report(ctx: "_Context") -> dict:
     import json
 
-    from finetune import build_report
+    from finetune import build_report, load_task
 
     results = json.loads((Path(ctx.recipe.finetune.output_dir) / "results.json").read_text())
+    tasks = [load_task(spec) for spec in ctx.recipe.finetune.tasks]
     build_report(_models(ctx.recipe), results, ctx.recipe.report.output_dir, "teacher",
-                 ctx.recipe.report)
+                 ctx.recipe.report, task_configs={t.name: t for t in tasks})
     return {"report_md": str(Path(ctx.recipe.report.output_dir) / "report.md"),
             "report_json": str(Path(ctx.recipe.report.output_dir) / "report.json")}
 

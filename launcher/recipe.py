@@ -86,6 +86,15 @@ def validate_recipe(recipe: Recipe) -> None:
 
     validate_models(recipe.teacher, recipe.student, recipe.objective)
     _check_data_tokenizer(recipe)
+    train = recipe.train
+    if train.export and (train.export_onnx or train.export_onnx_int8):
+        from distill_common.onnx_export import OnnxUserError, require_onnx
+        from distill_pretrain.config import fail
+
+        try:  # now, not after hours of training
+            require_onnx()
+        except OnnxUserError as err:
+            fail("train.export_onnx", f"{err}; or set train.export_onnx=false")
 
 
 def _check_data_tokenizer(recipe: Recipe) -> None:

@@ -66,7 +66,9 @@ def check_exported(model_dir: Path, out: Path, shards: Path, *, world_size: int,
     if world_size == 1:
         assert mlm_loss == pytest.approx(curve(out, "eval/mlm_loss")[final_step], rel=1e-4)
     card = (model_dir / "README.md").read_text()
-    assert "teacher" in card and f"steps: {final_step}" in card and "eval/mlm_accuracy" in card
+    assert "distilled task-agnostically from" in card and f"- {final_step} steps" in card
+    assert "eval/mlm_accuracy" in card and "pipeline_tag: fill-mask" in card
+    assert str(out) not in card, "the card names a local path"
 
 
 @pytest.mark.slow
