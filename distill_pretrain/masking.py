@@ -177,15 +177,29 @@ def _continuation_pieces(tokenizer, special: np.ndarray) -> np.ndarray:
     return continuation
 
 
+class OutOfVocabulary(ValueError):
+    """Row ``row`` of a batch holds ``token``, outside the masker's vocabulary."""
+
+    def __init__(self, row: int, token: int):
+        super().__init__(f"row {row}: token id {token}")
+        self.row, self.token = row, token
+
+
 def collate(rows: Sequence[np.ndarray], seq_len: int, masker: Masker,
             rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Sequences of token ids -> a masked contract-2 batch padded to seq_len (static
-    shapes: one compiled graph, no recompilation per length)."""
+    shapes: one compiled graph, no recompilation per length). Ids outside the vocabulary
+    raise OutOfVocabulary (checked once per batch, not per sequence)."""
     n = len(rows)
     ids = np.full((n, seq_len), masker.pad_id, dtype=np.int64)
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = r
+    top, bottom = ids.max(axis=1), ids.min(axis=1)
+    if top.max() >= masker.vocab_size or bottom.min() < 0:
+        row = int(np.argmax((top >= masker.vocab_size) | (bottom < 0)))
+        raise OutOfVocabulary(row, int(top[row] if top[row] >= masker.vocab_size
+                                       else bottom[row]))
     masked, labels = masker.mask_batch(ids, lengths, rng)
     attention = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)
     return {"input_ids": torch.from_numpy(masked),

@@ -39,7 +39,7 @@ import torch
 
 from distill_common.manifest import DataError
 from distill_pretrain.data import decode_ids, read_shard
-from distill_pretrain.masking import Masker, collate
+from distill_pretrain.masking import Masker, OutOfVocabulary, collate
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,19 @@ class TrainStream(torch.utils.data.IterableDataset):
         yield from _interleave(parts, width)
 
     def _shuffled(self, samples, rng: np.random.Generator):
+        """A seeded shuffle buffer; its random draws come in blocks (one generator call
+        per 1,024 samples, not one each)."""
         buffer: list = []
+        draws = iter(())
         for item in samples:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(item)
                 continue
-            j = int(rng.integers(len(buffer)))
+            u = next(draws, None)
+            if u is None:
+                draws = iter(rng.random(1024).tolist())
+                u = next(draws)
+            j = int(u * len(buffer))
             buffer[j], item = item, buffer[j]
             yield item
         rng.shuffle(buffer)
@@ -226,19 +233,19 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _batches(self, slot: int, width: int) -> Iterator[tuple[dict, dict]]:
         """(batch, meta) of one data slot."""
-        vocab = self.masker.vocab_size
-        rows, keys, epochs, first = [], [], [], None
+        rows, keys, urls, epochs, first = [], [], [], [], None
         for epoch, offset, url, key, payload in self._samples(slot, width):
             first = first or (epoch, offset)
-            rows.append(decode_ids(payload, url, key, self.seq_len, vocab))
+            rows.append(decode_ids(payload, url, key, self.seq_len))
             keys.append(key)
+            urls.append(url)
             epochs.append(epoch)
             if len(rows) == self.batch_size:
-                batch = collate(rows, self.seq_len, self.masker,
-                                _rng(self.seed, _TAG_MASK, slot, *first))
+                batch = _collate(rows, keys, urls, self.seq_len, self.masker,
+                                 _rng(self.seed, _TAG_MASK, slot, *first))
                 yield batch, {"slot": slot, "epoch": epoch, "offset": offset + 1,
                               "keys": keys, "epochs": epochs}
-                rows, keys, epochs, first = [], [], [], None
+                rows, keys, urls, epochs, first = [], [], [], [], None
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -255,6 +262,16 @@ class TrainStream(torch.utils.data.IterableDataset):
             turn = (turn + 1) % len(slots)
             batch["meta"] = {"worker": worker, "next_slot": turn, **meta}
             yield batch
+
+
+def _collate(rows, keys, urls, seq_len: int, masker: Masker, rng) -> dict:
+    try:
+        return collate(rows, seq_len, masker, rng)
+    except OutOfVocabulary as err:
+        raise DataError(f"shard {urls[err.row]}: sample {keys[err.row]}: token id "
+                        f"{err.token} outside the vocabulary (size {masker.vocab_size}); the "
+                        f"shard is corrupt or from another tokenizer; re-run `distill prep`"
+                        ) from None
 
 
 def train_loader(stream: TrainStream, num_workers: int,

@@ -402,3 +402,24 @@ def test_masking_and_collation_keep_up_with_a_gpu(shards, tokenizer):
     start = time.perf_counter()
     n = sum(len(next(it)["input_ids"]) for _ in range(40))
     assert n / (time.perf_counter() - start) > 1500
+
+
+def test_an_id_outside_the_vocabulary_names_its_shard_and_sample(tmp_path, tokenizer_dir,
+                                                                 tokenizer):
+    shards = write_shards(tmp_path / "s", tokenizer_dir, train_shards=1, samples_per_shard=6)
+    bad = shards / "train" / "shard-000000.tar"
+    with tarfile.open(bad, "w") as tar:  # a shard rewritten with one id past the vocabulary
+        for i in range(5):
+            ids = np.arange(5, 20, dtype=np.uint16)
+            ids[3] = len(tokenizer) + 7 if i == 2 else ids[3]
+            payload = _npy_bytes(ids)
+            info = tarfile.TarInfo(f"000000-{i:07d}.input_ids.npy")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["samples"] = 5
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    stream = _stream(shards, tokenizer, shuffle_buffer=1)
+    with pytest.raises(D.DataError, match=r"shard-000000.tar: sample 000000-0000002: token id "
+                                          rf"{len(tokenizer) + 7} outside the vocabulary"):
+        next(iter(stream))
