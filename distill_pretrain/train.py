@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill_common.build_cache import prepare_compiled_ops
 from distill_pretrain import checkpoint as ckpt
 from distill_pretrain import data as D
 from distill_pretrain.distributed import (World, all_reduce, any_rank, broadcast_object,
@@ -249,6 +250,7 @@ def _empty_batch(engine, teacher) -> dict[str, torch.Tensor]:
 
 def pretrain(recipe) -> TrainResult:
     """Run (or resume) the distillation of ``recipe``; every rank calls this."""
+    prepare_compiled_ops()  # own build cache, stale locks cleared, no silent compile
     from transformers import AutoTokenizer
 
     from distill_common.assets import resolve_model_dir
