@@ -14,7 +14,9 @@ forever, printing nothing. Here:
   activity for ``SHARED_STALE_S``.
 - ``announce_wait()``: a watcher thread that says what a wait of more than a few seconds
   is waiting for, and clears a lock that goes stale meanwhile.
-- ``prepare_compiled_ops()``: the one call pretraining makes before DeepSpeed starts.
+- ``prepare_compiled_ops()``: the one call pretraining makes before DeepSpeed starts; it
+  builds the CPU collective in a child process (``build_deepspeed_op``), so a build that
+  ends because the one it waited on was killed can simply be run again.
 - ``cached_build()``: our own compiled files (the relation kernel): one builder at a time
   (``flock``), SHA-256 recorded beside the file, checked before every load.
 """
@@ -25,12 +27,13 @@ import contextlib
 import fcntl
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from distill_common.fsio import atomic_write_text, sha256_file
 
@@ -40,7 +43,7 @@ SHARED_STALE_S = 300.0
 """On a network filesystem: seconds without activity in a build folder after which a
 lock no local process holds counts as stale (a build on another host writes files)."""
 ANNOUNCE_AFTER_S = 5.0
-ANNOUNCE_EVERY_S = 15.0
+ANNOUNCE_EVERY_S = 30.0
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
                "glusterfs", "9p", "afs", "panfs", "wekafs")
 
@@ -68,23 +71,25 @@ def use_extensions_dir() -> Path:
 
 # ------------------------------------------------------------------ build locks
 
-def _holders(build_dir: Path) -> list[str]:
-    """Processes on this host working on ``build_dir``: the lock open, the folder as
-    their working directory (ninja), or its path on their command line (the compiler)."""
+def _holders(build_dir: Path) -> list[tuple[int, str]]:
+    """(pid, name) of the processes on this host working on ``build_dir``: the lock open
+    (torch's build, this process included), the folder as their working directory
+    (ninja), or its path on their command line (the compiler)."""
     import psutil
 
     lock, folder = str(build_dir / "lock"), str(build_dir)
     found = []
     for proc in psutil.process_iter(["pid", "name"]):
         try:
-            cwd = proc.cwd()
-            busy = (cwd == folder or cwd.startswith(folder + os.sep)
-                    or any(folder in arg for arg in proc.cmdline())
-                    or any(f.path == lock for f in proc.open_files()))
+            busy = any(f.path == lock for f in proc.open_files())
+            if not busy and proc.pid != os.getpid():
+                cwd = proc.cwd()
+                busy = (cwd == folder or cwd.startswith(folder + os.sep)
+                        or any(folder in arg for arg in proc.cmdline()))
         except psutil.Error:
             continue
-        if busy:  # this process too: it may be the one holding the lock
-            found.append(f"pid {proc.pid} ({proc.info['name']})")
+        if busy:
+            found.append((proc.pid, proc.info["name"]))
     return found
 
 
@@ -143,9 +148,15 @@ def clear_stale_locks(root: Path | None = None) -> list[Path]:
 
 def describe_build(build_dir: Path) -> str:
     """What a build folder is doing now, for a waiting message."""
+    import psutil
+
+    ours = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
     holders = _holders(build_dir)
+    listed = ", ".join(f"pid {pid} ({name})" for pid, name in holders[:4])
+    if any(pid in ours for pid, _ in holders):
+        return f"compiling in {build_dir}: {listed}"
     if holders:
-        return f"{build_dir} is being built by {', '.join(holders)}"
+        return f"another process builds in {build_dir}: {listed}"
     if (build_dir / "lock").exists():
         return f"{build_dir}/lock is held by no process on this host (another host?)"
     return f"{build_dir}: no build running"
@@ -153,11 +164,13 @@ def describe_build(build_dir: Path) -> str:
 
 @contextlib.contextmanager
 def announce_wait(what: str, details: Callable[[], str] | None = None,
-                  build_dir: Path | None = None) -> Iterator[None]:
+                  build_dir: Path | None = None) -> Iterator[list[Path]]:
     """Log what we are waiting for if the body takes more than ``ANNOUNCE_AFTER_S``, then
-    every ``ANNOUNCE_EVERY_S``; with ``build_dir``, clear its lock if it goes stale."""
+    every ``ANNOUNCE_EVERY_S``. With ``build_dir``, its lock is removed if it goes stale
+    meanwhile; the list yielded collects the locks removed."""
     done = threading.Event()
     started = time.monotonic()
+    cleared: list[Path] = []
 
     def watch() -> None:
         delay = ANNOUNCE_AFTER_S
@@ -166,13 +179,13 @@ def announce_wait(what: str, details: Callable[[], str] | None = None,
             log.warning("still waiting after %.0f s for %s%s", time.monotonic() - started,
                         what, f": {extra}" if extra else "")
             if build_dir is not None and build_dir.is_dir():
-                clear_stale_locks(build_dir.parent)
+                cleared.extend(clear_stale_locks(build_dir.parent))
             delay = ANNOUNCE_EVERY_S
 
     thread = threading.Thread(target=watch, name="distill-wait-watcher", daemon=True)
     thread.start()
     try:
-        yield
+        yield cleared
     finally:
         done.set()
         thread.join()
@@ -180,9 +193,13 @@ def announce_wait(what: str, details: Callable[[], str] | None = None,
 
 # ------------------------------------------------------------------ DeepSpeed's ops
 
-def _shm_builder():
-    """DeepSpeed's CPU shared-memory collective builder, or None where it is not used
-    (a GPU accelerator, or a CPU without the instructions the op needs)."""
+class OpBuildUserError(RuntimeError):
+    """A compiled op failed to build; the message has the compiler's last words."""
+
+
+def _shm_builder_class() -> str | None:
+    """The class of DeepSpeed's CPU shared-memory collective builder, or None where it is
+    not used (a GPU accelerator, or a CPU without the instructions the op needs)."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
@@ -192,29 +209,54 @@ def _shm_builder():
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None
-    return builder
+    return "ShareMemCommBuilder"
 
 
-def build_deepspeed_op(builder, root: Path) -> None:
-    """Build (or find up to date) one DeepSpeed op, saying so if it takes a while."""
-    build_dir = root / builder.NAME
-    with announce_wait(f"DeepSpeed's {builder.NAME} op to compile (first run on this "
-                       f"machine and Python; a minute or two)",
-                       lambda: describe_build(build_dir), build_dir=build_dir):
-        builder.load(verbose=False)
+def build_deepspeed_op(builder_class: str, root: Path) -> str:
+    """Build one DeepSpeed op in a child process (torch remembers within a process that it
+    waited for a build, and never retries one whose builder was killed), announcing the
+    wait; if the build it waited on turns out to have been killed, build it again."""
+    from deepspeed.accelerator import get_accelerator
+
+    from distill_common.lifeline import die_with_parent
+
+    name = get_accelerator().create_op_builder(builder_class).NAME
+    build_dir = root / name
+    if (build_dir / f"{name}.so").is_file() and not (build_dir / "lock").exists():
+        return name  # built; DeepSpeed's own load re-checks it is current (ninja)
+    for attempt in (1, 2):
+        with announce_wait(f"DeepSpeed's {name} op (compiled once per machine and Python, "
+                           f"a minute or two)", lambda: describe_build(build_dir),
+                           build_dir=build_dir) as cleared:
+            done = subprocess.run([sys.executable, "-m", __name__, builder_class],
+                                  capture_output=True, text=True, preexec_fn=die_with_parent)
+        if done.returncode == 0:
+            return name
+        if attempt == 1 and cleared:
+            log.warning("the build of %s this run waited for had been killed: building it "
+                        "again", name)
+            continue
+        raise OpBuildUserError(f"DeepSpeed's {name} op did not build in {build_dir}: "
+                               f"{(done.stderr or done.stdout).strip()[-1500:]}")
+    raise AssertionError("unreachable")
 
 
-def prepare_compiled_ops() -> list[str]:
+def prepare_compiled_ops(builder_classes: Sequence[str] = ()) -> list[str]:
     """Before DeepSpeed is used: our extension cache, stale locks cleared, and the ops
-    DeepSpeed would build on first use (its CPU collective) built now, visibly.
-    Returns the names of the ops built or found up to date."""
+    DeepSpeed would build on first use built now, visibly: its CPU collective (CPU
+    accelerator), plus ``builder_classes`` (e.g. ``"CPUAdamBuilder"`` for a recipe that
+    uses DeepSpeed's own optimizer). Returns the names of the ops built or found built."""
     root = use_extensions_dir()
     clear_stale_locks(root)
-    builder = _shm_builder()
-    if builder is None:
-        return []
-    build_deepspeed_op(builder, root)
-    return [builder.NAME]
+    shm = _shm_builder_class()
+    wanted = ([shm] if shm else []) + [c for c in builder_classes if c != shm]
+    return [build_deepspeed_op(builder_class, root) for builder_class in wanted]
+
+
+def _build_in_this_process(builder_class: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder(builder_class).load(verbose=False)
 
 
 # ------------------------------------------------------------------ our own builds
@@ -255,7 +297,10 @@ def cached_build(target: Path, build: Callable[[Path], None], what: str) -> Path
     with exclusive(target.with_name(f".{target.name}.lock"), what):
         if hash_matches(target):
             return target
-        if target.exists():
+        if target.exists() and not _hash_file(target).exists():
+            log.warning("%s has no SHA-256 record (built by an older version, or not by "
+                        "us): building it again instead of loading it", target)
+        elif target.exists():
             log.warning("%s does not match the SHA-256 recorded when it was built (changed "
                         "or damaged since): building it again instead of loading it", target)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix,
@@ -271,3 +316,7 @@ def cached_build(target: Path, build: Callable[[Path], None], what: str) -> Path
                 os.unlink(tmp)
         atomic_write_text(_hash_file(target), f"{digest}  {target.name}\n")
     return target
+
+
+if __name__ == "__main__":  # the child of build_deepspeed_op
+    _build_in_this_process(sys.argv[1])
