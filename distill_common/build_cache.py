@@ -14,9 +14,9 @@ forever, printing nothing. Here:
   activity for ``SHARED_STALE_S``.
 - ``announce_wait()``: a watcher thread that says what a wait of more than a few seconds
   is waiting for, and clears a lock that goes stale meanwhile.
-- ``prepare_compiled_ops()``: the one call pretraining makes before DeepSpeed starts; it
-  builds the CPU collective in a child process (``build_deepspeed_op``), so a build that
-  ends because the one it waited on was killed can simply be run again.
+- ``use_extensions_dir()``, ``clear_stale_locks()`` and ``announce_wait()`` are what
+  ``distill_pretrain.compiled_ops.prepare_compiled_ops()`` (the one call pretraining makes
+  before DeepSpeed starts) is built from: DeepSpeed itself stays out of this layer.
 - ``cached_build()``: our own compiled files (the relation kernel): one builder at a time
   (``flock``), SHA-256 recorded beside the file, checked before every load.
 """
@@ -27,13 +27,12 @@ import contextlib
 import fcntl
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 from distill_common.fsio import atomic_write_text, sha256_file
 
@@ -191,74 +190,6 @@ def announce_wait(what: str, details: Callable[[], str] | None = None,
         thread.join()
 
 
-# ------------------------------------------------------------------ DeepSpeed's ops
-
-class OpBuildUserError(RuntimeError):
-    """A compiled op failed to build; the message has the compiler's last words."""
-
-
-def _shm_builder_class() -> str | None:
-    """The class of DeepSpeed's CPU shared-memory collective builder, or None where it is
-    not used (a GPU accelerator, or a CPU without the instructions the op needs)."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        return None
-    builder = accelerator.create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return None
-    return "ShareMemCommBuilder"
-
-
-def build_deepspeed_op(builder_class: str, root: Path) -> str:
-    """Build one DeepSpeed op in a child process (torch remembers within a process that it
-    waited for a build, and never retries one whose builder was killed), announcing the
-    wait; if the build it waited on turns out to have been killed, build it again."""
-    from deepspeed.accelerator import get_accelerator
-
-    from distill_common.lifeline import die_with_parent
-
-    name = get_accelerator().create_op_builder(builder_class).NAME
-    build_dir = root / name
-    if (build_dir / f"{name}.so").is_file() and not (build_dir / "lock").exists():
-        return name  # built; DeepSpeed's own load re-checks it is current (ninja)
-    for attempt in (1, 2):
-        with announce_wait(f"DeepSpeed's {name} op (compiled once per machine and Python, "
-                           f"a minute or two)", lambda: describe_build(build_dir),
-                           build_dir=build_dir) as cleared:
-            done = subprocess.run([sys.executable, "-m", __name__, builder_class],
-                                  capture_output=True, text=True, preexec_fn=die_with_parent)
-        if done.returncode == 0:
-            return name
-        if attempt == 1 and cleared:
-            log.warning("the build of %s this run waited for had been killed: building it "
-                        "again", name)
-            continue
-        raise OpBuildUserError(f"DeepSpeed's {name} op did not build in {build_dir}: "
-                               f"{(done.stderr or done.stdout).strip()[-1500:]}")
-    raise AssertionError("unreachable")
-
-
-def prepare_compiled_ops(builder_classes: Sequence[str] = ()) -> list[str]:
-    """Before DeepSpeed is used: our extension cache, stale locks cleared, and the ops
-    DeepSpeed would build on first use built now, visibly: its CPU collective (CPU
-    accelerator), plus ``builder_classes`` (e.g. ``"CPUAdamBuilder"`` for a recipe that
-    uses DeepSpeed's own optimizer). Returns the names of the ops built or found built."""
-    root = use_extensions_dir()
-    clear_stale_locks(root)
-    shm = _shm_builder_class()
-    wanted = ([shm] if shm else []) + [c for c in builder_classes if c != shm]
-    return [build_deepspeed_op(builder_class, root) for builder_class in wanted]
-
-
-def _build_in_this_process(builder_class: str) -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    get_accelerator().create_op_builder(builder_class).load(verbose=False)
-
-
 # ------------------------------------------------------------------ our own builds
 
 @contextlib.contextmanager
@@ -294,7 +225,7 @@ def cached_build(target: Path, build: Callable[[Path], None], what: str) -> Path
     """``target``, built by ``build(tmp_path)`` unless a build whose SHA-256 we recorded is
     already there. A file that does not match its record (changed, truncated, or never
     recorded) is rebuilt, with a warning, rather than loaded."""
-    with exclusive(target.with_name(f".{target.name}.lock"), what):
+    with exclusive(target.with_name(f"{target.name}.lock"), what):
         if hash_matches(target):
             return target
         if target.exists() and not _hash_file(target).exists():
@@ -316,7 +247,3 @@ def cached_build(target: Path, build: Callable[[Path], None], what: str) -> Path
                 os.unlink(tmp)
         atomic_write_text(_hash_file(target), f"{digest}  {target.name}\n")
     return target
-
-
-if __name__ == "__main__":  # the child of build_deepspeed_op
-    _build_in_this_process(sys.argv[1])

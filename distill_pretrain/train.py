@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill_common.build_cache import prepare_compiled_ops
 from distill_pretrain import checkpoint as ckpt
 from distill_pretrain import data as D
+from distill_pretrain.compiled_ops import prepare_compiled_ops
 from distill_pretrain.distributed import (World, all_reduce, any_rank, broadcast_object,
                                           init_distributed)
 from distill_pretrain.engine import (COMPUTE_DTYPES, build_engine, current_lr,

@@ -129,7 +129,7 @@ def _locks() -> Check:
 
 
 def _deepspeed_ops() -> Check:
-    from distill_common.build_cache import prepare_compiled_ops
+    from distill_pretrain.compiled_ops import prepare_compiled_ops
 
     started = time.monotonic()
     built = prepare_compiled_ops()

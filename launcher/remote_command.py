@@ -6,7 +6,7 @@ in as it is and one with a space only inside double quotes, so ``$(...)`` or a b
 in a recipe path or an override would run on every host. So the whole command (argv,
 working folder, environment) travels as ONE word of base64url (``A-Z a-z 0-9 - _ =``),
 which every shell passes through untouched, and ``python -m launcher.remote_command
-WORD`` decodes and runs it on each rank. ``describe()`` shows what the word holds (the
+WORD`` decodes it on each rank and execs ``python -m distill_cli ARGV`` there. ``describe()`` shows what the word holds (the
 dry run prints it next to the command).
 """
 
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m {MODULE} ENCODED_COMMAND", file=sys.stderr)
         return 2
     payload = decode(args[0])
-    os.environ.update(payload["env"])
     os.chdir(payload["cwd"])
-    from distill_cli.main import main as distill_main
-
-    return distill_main(payload["argv"])
+    # Become the distill process (same PID, so DeepSpeed's launcher still tracks it); the
+    # launcher layer does not import the CLI above it.
+    os.execve(sys.executable, [sys.executable, "-u", "-m", "distill_cli", *payload["argv"]],
+              {**os.environ, **payload["env"]})
 
 
 if __name__ == "__main__":

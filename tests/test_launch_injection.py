@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch_fixtures import prepared_shards, write_tiny_recipe
+from launch_fixtures import prepared_shards, write_executable, write_tiny_recipe
 from launcher.errors import LaunchError
 from launcher.launch import plan
 from launcher.remote_command import decode
@@ -90,12 +89,6 @@ def _ran(output: str) -> list[list[str]]:
             if "running: " in line]
 
 
-def _executable(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
 
 def test_local_profile_runs_the_payload_as_text(evil, tmp_path):
     shards = tmp_path / f"shards {PAYLOAD}"
@@ -155,8 +148,8 @@ def test_deepspeed_remote_shell_sees_one_inert_word(evil, tmp_path, tmp_path_fac
     profile = tmp_path / "ds.yaml"
     profile.write_text(f"kind: deepspeed\nhostfile: {hostfile}\nmaster_port: {free_port}\n")
     bin_dir, remote_log = tmp_path / "bin", tmp_path / "remote-commands.jsonl"
-    _executable(bin_dir / "pdsh", FAKE_PDSH.format(python=sys.executable, log=str(remote_log)))
-    _executable(bin_dir / "ssh", "#!/bin/sh\nexec hostname\n")  # DeepSpeed's ssh check
+    write_executable(bin_dir / "pdsh", FAKE_PDSH.format(python=sys.executable, log=str(remote_log)))
+    write_executable(bin_dir / "ssh", "#!/bin/sh\nexec hostname\n")  # DeepSpeed's ssh check
     args = [str(evil.recipe), f"train.data_dir={shards}", evil.override,
             "--cluster", str(profile), "--stage", "pretrain"]
     (printed,) = _dry_run_commands(args, evil.env, work)
@@ -211,9 +204,9 @@ exec "$@"
 def test_slurm_script_runs_the_payload_as_text(evil, tmp_path):
     shards = tmp_path / f"shards {PAYLOAD}"
     bin_dir, submitted = tmp_path / "bin", tmp_path / "sbatch-argv"
-    _executable(bin_dir / "sbatch", FAKE_SBATCH.format(log=shlex.quote(str(submitted))))
-    _executable(bin_dir / "srun", FAKE_SRUN)
-    _executable(bin_dir / "scontrol", "#!/bin/sh\necho localhost\n")
+    write_executable(bin_dir / "sbatch", FAKE_SBATCH.format(log=shlex.quote(str(submitted))))
+    write_executable(bin_dir / "srun", FAKE_SRUN)
+    write_executable(bin_dir / "scontrol", "#!/bin/sh\necho localhost\n")
     args = [str(evil.recipe), f"prep.output_dir={shards}", "--cluster", "slurm/cpu",
             "--stage", "prep", "--job-name", f"job {PAYLOAD}"]
     dry = _launch([*args, "--dry-run"], evil.env, tmp_path, path_prefix=bin_dir)
@@ -244,7 +237,7 @@ with open({log!r}, "a") as f:
 
 def test_ray_entrypoint_and_rayjob_manifest_through_a_shell(evil, tmp_path):
     log = tmp_path / "argv.jsonl"
-    python = _executable(tmp_path / "bin" / "python", RECORDING_PYTHON.format(
+    python = write_executable(tmp_path / "bin" / "python", RECORDING_PYTHON.format(
         python=sys.executable, log=str(log)))
     p = plan(str(evil.recipe), [evil.override], "ray/local", [f"python={python}"],
              stage="all", workdir=tmp_path)

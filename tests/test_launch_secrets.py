@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from distill_common.config import ConfigError
-from launch_fixtures import run_distill, write_tiny_recipe
+from launch_fixtures import run_distill, write_executable, write_tiny_recipe
 from launcher.errors import LaunchError
 from launcher.job_env import is_secret_name
 from launcher.launch import execute, plan
@@ -35,12 +34,6 @@ def recipe(tmp_path_factory, tiny_teacher_dir, tiny_corpus_dir) -> Path:
     return write_tiny_recipe(tmp_path_factory.mktemp("recipe"), tiny_teacher_dir,
                              tiny_corpus_dir)
 
-
-def _executable(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
 
 
 def test_secret_names():
@@ -62,7 +55,7 @@ echo 77
 def test_slurm_secrets_reach_sbatch_not_the_script(recipe, tmp_path):
     """HF_TOKEN in the profile's env, DB_PASS named in secret_env and exported here."""
     bin_dir = tmp_path / "bin"
-    _executable(bin_dir / "sbatch", SBATCH_RECORDER.format(
+    write_executable(bin_dir / "sbatch", SBATCH_RECORDER.format(
         argv=shlex.quote(str(tmp_path / "argv")), env=shlex.quote(str(tmp_path / "env"))))
     args = ["launch", str(recipe), "--cluster", "slurm/cpu", "--stage", "prep",
             "--set", f"env.HF_TOKEN={TOKEN}", "--set", "secret_env=[DB_PASS]"]
@@ -203,7 +196,7 @@ echo "GPU 1: NVIDIA H200 (UUID: GPU-1)"
 def test_make_demo_uses_the_gpus_it_sees(tmp_path, gpus):
     path = os.environ["PATH"]
     if gpus:
-        path = f"{_executable(tmp_path / 'bin' / 'nvidia-smi', FAKE_NVIDIA_SMI).parent}:{path}"
+        path = f"{write_executable(tmp_path / 'bin' / 'nvidia-smi', FAKE_NVIDIA_SMI).parent}:{path}"
     else:  # a PATH without any nvidia-smi
         path = ":".join(p for p in path.split(":") if not (Path(p) / "nvidia-smi").exists())
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"PATH": path}
