@@ -53,7 +53,7 @@ def describe(word: str, python: str) -> str:
     p = decode(word)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in p["env"].items())
     return (f"cd {shlex.quote(p['cwd'])} && env {env} "
-            f"{shlex.join([python, '-m', 'distill_cli', *p['argv']])}")
+            f"{shlex.join([python, '-u', '-m', 'distill_cli', *p['argv']])}")
 
 
 def require_shell_safe(value: str, what: str, fix: str) -> None:

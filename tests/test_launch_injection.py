@@ -29,9 +29,7 @@ import yaml
 from launch_fixtures import prepared_shards, write_executable, write_tiny_recipe
 from launcher.errors import LaunchError
 from launcher.launch import plan
-from launcher.remote_command import decode
-
-pytestmark = pytest.mark.slow
+from launcher.remote_command import SHELL_SAFE, decode, encode
 
 MARKER_ENV = "DISTILL_TEST_MARKER"
 PAYLOAD = (f"$(touch ${MARKER_ENV}) `touch ${MARKER_ENV}`; touch ${MARKER_ENV} "
@@ -90,6 +88,7 @@ def _ran(output: str) -> list[list[str]]:
 
 
 
+@pytest.mark.slow
 def test_local_profile_runs_the_payload_as_text(evil, tmp_path):
     shards = tmp_path / f"shards {PAYLOAD}"
     args = [str(evil.recipe), f"prep.output_dir={shards}", "--cluster", "local",
@@ -103,6 +102,7 @@ def test_local_profile_runs_the_payload_as_text(evil, tmp_path):
     assert not evil.marker.exists()
 
 
+@pytest.mark.slow
 def test_torchrun_profile_passes_the_payload_to_the_rank(evil, tmp_path, tmp_path_factory,
                                                         tiny_teacher_dir, tiny_corpus_dir,
                                                         free_port):
@@ -136,6 +136,7 @@ sys.exit(max(p.wait() for p in procs))
 """
 
 
+@pytest.mark.slow
 def test_deepspeed_remote_shell_sees_one_inert_word(evil, tmp_path, tmp_path_factory,
                                                     tiny_teacher_dir, tiny_corpus_dir,
                                                     free_port):
@@ -201,6 +202,7 @@ exec "$@"
 """
 
 
+@pytest.mark.slow
 def test_slurm_script_runs_the_payload_as_text(evil, tmp_path):
     shards = tmp_path / f"shards {PAYLOAD}"
     bin_dir, submitted = tmp_path / "bin", tmp_path / "sbatch-argv"
@@ -253,3 +255,18 @@ def test_ray_entrypoint_and_rayjob_manifest_through_a_shell(evil, tmp_path):
         for argv in runs:
             assert str(evil.recipe) in argv and evil.override in argv
     assert not evil.marker.exists()
+
+
+def test_encoded_command_survives_any_shell(tmp_path):
+    argv = ["pretrain", f"/x/{PAYLOAD}/r.yaml", f"a.b={PAYLOAD}", "", "-", "\n\t\\", "é ü 日本"]
+    word = encode(argv, tmp_path / PAYLOAD, {"K": PAYLOAD})
+    assert SHELL_SAFE.match(word) and word[0].isalnum()
+    for shell in ("sh", "bash"):
+        echoed = subprocess.run([shell, "-c", f"printf %s {word}"], capture_output=True,
+                                text=True).stdout
+        assert echoed == word
+    payload = decode(word)
+    assert payload["argv"] == argv and payload["cwd"] == str(tmp_path / PAYLOAD)
+    assert payload["env"]["K"] == PAYLOAD and payload["env"]["DISTILL_DIE_WITH_PARENT"] == "1"
+    with pytest.raises(LaunchError, match="not an encoded command"):
+        decode("bm90IGpzb24")
