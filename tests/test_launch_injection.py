@@ -56,6 +56,13 @@ def evil(tmp_path, tiny_teacher_dir, tiny_corpus_dir, monkeypatch) -> Evil:
     return Evil(recipe, f"train.output_dir={tmp_path / 'out'} {PAYLOAD}", marker, env)
 
 
+@pytest.fixture
+def shards(tmp_path, tmp_path_factory, tiny_teacher_dir, tiny_corpus_dir) -> Path:
+    """Shards of the tiny corpus, made once per session (a plain folder name)."""
+    return prepared_shards(tmp_path_factory.getbasetemp(), write_tiny_recipe(
+        tmp_path / "plain", tiny_teacher_dir, tiny_corpus_dir))
+
+
 def _launch(args: list[str], env: dict, cwd: Path, timeout: float = 300,
             path_prefix: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m distill_cli launch ARGS` in a session of its own, killed whole at the
@@ -103,11 +110,7 @@ def test_local_profile_runs_the_payload_as_text(evil, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_profile_passes_the_payload_to_the_rank(evil, tmp_path, tmp_path_factory,
-                                                        tiny_teacher_dir, tiny_corpus_dir,
-                                                        free_port):
-    shards = prepared_shards(tmp_path_factory.getbasetemp(), write_tiny_recipe(
-        tmp_path / "plain", tiny_teacher_dir, tiny_corpus_dir))
+def test_torchrun_profile_passes_the_payload_to_the_rank(evil, tmp_path, shards, free_port):
     args = [str(evil.recipe), f"train.data_dir={shards}", evil.override,
             "--cluster", "torchrun/2node", "--stage", "pretrain", "--set", "nnodes=1",
             "--set", f"rdzv_endpoint=127.0.0.1:{free_port}"]
@@ -137,11 +140,7 @@ sys.exit(max(p.wait() for p in procs))
 
 
 @pytest.mark.slow
-def test_deepspeed_remote_shell_sees_one_inert_word(evil, tmp_path, tmp_path_factory,
-                                                    tiny_teacher_dir, tiny_corpus_dir,
-                                                    free_port):
-    shards = prepared_shards(tmp_path_factory.getbasetemp(), write_tiny_recipe(
-        tmp_path / "plain", tiny_teacher_dir, tiny_corpus_dir))
+def test_deepspeed_remote_shell_sees_one_inert_word(evil, tmp_path, shards, free_port):
     work = tmp_path / "work"
     work.mkdir()
     hostfile = tmp_path / "hostfile"
