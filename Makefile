@@ -10,9 +10,17 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export DS_ACCELERATOR := cpu
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
+
+# GPUs this machine shows: `nvidia-smi -L` prints a "GPU i: ..." line for each (nothing
+# without a driver). Without one, DeepSpeed runs on the CPU and the demo on 2 CPU ranks;
+# with GPUs DeepSpeed finds CUDA itself and the demo uses all of them (cluster/local/gpu).
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+ifeq ($(GPUS),0)
+export DS_ACCELERATOR := cpu
+endif
+DEMO_CLUSTER ?= $(if $(filter 0,$(GPUS)),local/2proc,local/gpu)
 
 .PHONY: venv test test-fast demo assets bench lock clean
 
@@ -25,6 +33,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test,onnx]'
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# Check the machine and compile DeepSpeed's CPU collective and our kernel now, not
+	# silently inside the first run.
+	$(VENV)/bin/distill doctor
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -37,7 +48,7 @@ assets: $(STAMP)
 	$(VENV)/bin/distill assets fetch
 
 demo: $(STAMP) assets
-	$(VENV)/bin/distill run configs/demo.yaml --cluster local/2proc
+	$(VENV)/bin/distill run configs/demo.yaml --cluster $(DEMO_CLUSTER)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from distill_common.errors import DistillUserError
+from distill_common.lifeline import install_lifeline
 from distill_common.logs import setup_logging
 
 log = logging.getLogger("distill")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_lifeline()  # a rank started by a launcher dies with it (no-op otherwise)
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(verbose=args.verbose, all_ranks=args.all_ranks or None)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from distill_common.errors import DistillUserError
+
 # Other frameworks' weights and export formats: never needed to load a PyTorch encoder.
 _NOT_NEEDED = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.mlmodel",
                "onnx/*", "openvino/*", "coreml/*", "tf_model*", "flax_model*", "rust_model*"]
@@ -29,7 +31,7 @@ _SNAPSHOT = re.compile(r"^models--(?P<org_name>.+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
-class HubModelError(RuntimeError):
+class HubModelError(DistillUserError, RuntimeError):
     """A Hub id that cannot be resolved (not in the cache offline, or not on the Hub)."""
 
 

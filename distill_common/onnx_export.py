@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from distill_common.errors import DistillUserError
+
 log = logging.getLogger(__name__)
 
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -30,7 +32,7 @@ _EXTRA = "pip install 'distill-encoders[onnx]' (onnx, onnxruntime, onnxscript)"
 _EXTERNAL_DATA_BYTES = 1536 * 2**20
 
 
-class OnnxUserError(RuntimeError):
+class OnnxUserError(DistillUserError, RuntimeError):
     """ONNX export or inference is not possible here; the message says why and the fix."""
 
 

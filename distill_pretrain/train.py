@@ -30,6 +30,7 @@ from distill_common.tracking import Metrics
 from distill_pretrain import checkpoint as ckpt
 from distill_pretrain import resume
 from distill_pretrain.calibration import calibration_for
+from distill_pretrain.compiled_ops import prepare_compiled_ops
 from distill_pretrain.config import PretrainJob
 from distill_pretrain.data import check_tokenizer, load_token_counts
 from distill_pretrain.engine import (COMPUTE_DTYPES, EngineModule, adopt_process_group,
@@ -69,6 +70,7 @@ def run_pretrain(job: PretrainJob) -> TrainResult:
 def pretrain(job: PretrainJob) -> TrainResult:
     """Run (or resume) the distillation of ``job``; every rank calls this."""
     cfg = job.train
+    prepare_compiled_ops()  # own build cache, stale build locks cleared, no silent compile
     # Checks first, before any process group or model: every rank reads the same files,
     # so every rank fails the same way (no rank is left waiting for the others).
     validate_models(job.teacher, job.student, job.objective)

@@ -1,5 +1,6 @@
 """`distill launch RECIPE [k=v...] --cluster PROFILE [--stage S] [--dry-run]` and
-`distill launch status|logs|cancel JOB`; also where `distill run` is registered."""
+`distill launch status|logs|cancel JOB`; also where `distill run` and `distill doctor`
+are registered."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def register(sub, add_recipe_args) -> None:
     p.add_argument("--ray-address", help="status/logs/cancel of a Ray job submitted "
                                          "elsewhere: the dashboard URL")
     p.set_defaults(func=_launch)
+
+    from launcher import doctor
+
+    doctor.register(sub)
 
     # ---- `distill run RECIPE [k=v...] [--stages ...]`: the pipeline --------------------
     # launcher/pipeline.py (the lead's) registers its subcommand here, through its own

@@ -104,10 +104,12 @@ def parse_hostfile(path: Path) -> list[Host]:
 
 
 def deepspeed_argv(python: str, profile, hostfile: Path, hosts: list[Host],
-                   step: Step) -> list[str]:
+                   encoded_command: str) -> list[str]:
     """The DeepSpeed runner reads the hostfile and starts one process per slot on every
-    host (pdsh/ssh); rank 0's host is the first line."""
+    host (pdsh/ssh); rank 0's host is the first line. Each rank runs
+    ``python -m launcher.remote_command WORD``: the distill command encoded as one word
+    the remote shell cannot misread (launcher/remote_command.py)."""
     return [python, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}",
             f"--master_addr={hosts[0].name}", f"--master_port={profile.master_port}",
-            f"--launcher={profile.launcher}", "--no_local_rank", "--module", "distill_cli",
-            *step.args]
+            f"--launcher={profile.launcher}", "--no_local_rank", "--module",
+            "launcher.remote_command", encoded_command]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from distill_common import lifeline
 from launcher import commands
 from launcher.errors import LaunchError
 from launcher.fingerprint import (STAGES, changed_keys, fingerprint, read_record,
@@ -104,6 +105,7 @@ def _stage_prep(ctx: "_Context") -> dict:
 
 
 def _pretrain_argv(ctx: "_Context") -> tuple[list[str], dict]:
+    from launcher.machine import resolve_local
     from launcher.profiles import LocalProfile, load_profile
 
     profile, path = load_profile(ctx.cluster)
@@ -112,21 +114,22 @@ def _pretrain_argv(ctx: "_Context") -> tuple[list[str], dict]:
             f"--cluster {ctx.cluster}: `distill run` runs on this machine and takes a local "
             f"profile; {path} is a {profile.kind} profile. Use `distill launch "
             f"{ctx.recipe_arg} --cluster {ctx.cluster} --stage all` instead.")
+    profile, machine_env, _ = resolve_local(profile, path)  # `auto` counts, CPU or GPU
     step = commands.Step("pretrain", ("pretrain", ctx.recipe_path, *ctx.overrides), True)
     python = commands.python_for(profile)
     if profile.nproc_per_node > 1:
         argv = commands.standalone_torchrun_argv(python, profile.nproc_per_node, step)
     else:
         argv = commands.distill_argv(python, step)
-    return argv, dict(profile.env)
+    return argv, {**profile.env, **machine_env}
 
 
 def _stage_pretrain(ctx: "_Context") -> dict:
     argv, env = _pretrain_argv(ctx)
-    full_env = {**os.environ, **env}
+    full_env = {**os.environ, **env, **lifeline.child_env()}  # ranks die with us
     full_env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     log.info("pretrain: %s", " ".join(argv))
-    proc = subprocess.run(argv, env=full_env)
+    proc = subprocess.run(argv, env=full_env, preexec_fn=lifeline.die_with_parent)
     if proc.returncode != 0:
         raise PipelineUserError(
             f"pretrain failed (exit {proc.returncode}); its log is above. Fix the cause "

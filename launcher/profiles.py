@@ -14,11 +14,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import yaml
 
 from distill_common.config import ConfigError, check, check_choice, load_config
+from launcher.job_env import JobEnvironment
 
 KINDS = ("local", "torchrun", "deepspeed", "slurm", "ray")
 
@@ -26,13 +27,19 @@ KINDS = ("local", "torchrun", "deepspeed", "slurm", "ray")
 # we only let through characters that need no quoting there.
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:+@%=/-]+$")
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+AUTO = "auto"
+"""`nproc_per_node` / `gpus_per_node` of a local profile: what this machine shows."""
 
 
-def _check_env(env: Dict[str, str]) -> None:
-    for name in env:
-        check(bool(_ENV_NAME.match(name)), f"env.{name}",
-              "is not a valid environment variable name (letters, digits, _)")
+def slurm_time_seconds(time: str) -> int:
+    """A Slurm time limit in seconds: `M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`."""
+    days, _, rest = time.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-H[:M[:S]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:  # M, M:S or H:M:S
+        hours, minutes, seconds = {1: [0, *parts, 0], 2: [0, *parts]}.get(len(parts), parts)
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def _check_gpus(nproc_per_node: int, gpus_per_node: int) -> None:
@@ -46,28 +53,31 @@ def _check_gpus(nproc_per_node: int, gpus_per_node: int) -> None:
 
 
 @dataclass
-class LocalProfile:
+class LocalProfile(JobEnvironment):
     """This machine: one process, or `torchrun --standalone` with several."""
 
     kind: str = "local"
     """Always `local`."""
-    nproc_per_node: int = 1
-    """Training processes for `pretrain` (torchrun --standalone when > 1)."""
-    gpus_per_node: int = 0
-    """GPUs on this machine (0: CPU, gloo)."""
-    python: Optional[str] = None
-    """Interpreter that has this project installed; default: the one running `distill`."""
-    env: Dict[str, str] = field(default_factory=dict)
-    """Environment variables set for every command."""
+    nproc_per_node: Union[int, str] = 1
+    """Training processes for `pretrain` (torchrun --standalone when > 1); `auto`: one
+    per GPU this machine shows when the launch is planned."""
+    gpus_per_node: Union[int, str] = 0
+    """GPUs on this machine (0: CPU, gloo); `auto`: the GPUs it shows at planning time.
+    With no GPU visible the commands get DS_ACCELERATOR=cpu (unless `env` sets it)."""
 
     def __post_init__(self):
         check_choice(self.kind, "kind", ["local"])
-        _check_gpus(self.nproc_per_node, self.gpus_per_node)
-        _check_env(self.env)
+        for name in ("nproc_per_node", "gpus_per_node"):
+            value = getattr(self, name)
+            check(isinstance(value, int) or value == AUTO, name,
+                  f"must be a number or `{AUTO}`, got {value!r}")
+        if isinstance(self.nproc_per_node, int) and isinstance(self.gpus_per_node, int):
+            _check_gpus(self.nproc_per_node, self.gpus_per_node)
+        self._check_env_fields()
 
 
 @dataclass
-class TorchrunProfile:
+class TorchrunProfile(JobEnvironment):
     """Multi-node torchrun: the same command on every node, c10d rendezvous."""
 
     kind: str = "torchrun"
@@ -85,10 +95,6 @@ class TorchrunProfile:
     max_restarts: int = 0
     """Times torchrun restarts the worker group after a failure (each restart resumes
     from the latest checkpoint when the recipe says `train.resume: auto`)."""
-    python: Optional[str] = None
-    """Interpreter on the nodes; default: the one running `distill`."""
-    env: Dict[str, str] = field(default_factory=dict)
-    """Environment variables set for every command."""
 
     def __post_init__(self):
         check_choice(self.kind, "kind", ["torchrun"])
@@ -98,13 +104,15 @@ class TorchrunProfile:
         check(bool(host) and port.isdigit(), "rdzv_endpoint",
               f"must be host:port, got {self.rdzv_endpoint!r}")
         check(self.max_restarts >= 0, "max_restarts", "must be >= 0")
-        _check_env(self.env)
+        self._check_env_fields()
 
 
 @dataclass
-class DeepSpeedProfile:
+class DeepSpeedProfile(JobEnvironment):
     """The DeepSpeed launcher with a hostfile (`host slots=N` per line); DeepSpeed reaches
-    the other hosts over pdsh/ssh itself."""
+    the other hosts over pdsh/ssh itself. The distill command travels to the hosts as one
+    base64 word (launcher/remote_command.py) that no remote shell can misread; `env`
+    travels inside it, secrets do not (set them in the hosts' own environment)."""
 
     kind: str = "deepspeed"
     """Always `deepspeed`."""
@@ -116,22 +124,17 @@ class DeepSpeedProfile:
     """How DeepSpeed starts the remote ranks: pdsh | openmpi | mvapich | slurm."""
     gpus_per_node: int = 0
     """GPUs per host (0: CPU); no host may have more slots than this when > 0."""
-    python: Optional[str] = None
-    """Interpreter on the hosts; default: the one running `distill`."""
-    env: Dict[str, str] = field(default_factory=dict)
-    """Environment variables set for every command (DeepSpeed exports them to the hosts
-    listed in `.deepspeed_env` only; put cluster-wide settings in your shell profile)."""
 
     def __post_init__(self):
         check_choice(self.kind, "kind", ["deepspeed"])
         check_choice(self.launcher, "launcher", ["pdsh", "openmpi", "mvapich", "slurm"])
         check(0 < self.master_port < 65536, "master_port", "must be a TCP port")
         check(self.gpus_per_node >= 0, "gpus_per_node", "must be >= 0")
-        _check_env(self.env)
+        self._check_env_fields()
 
 
 @dataclass
-class SlurmProfile:
+class SlurmProfile(JobEnvironment):
     """An sbatch job: one srun task per node, each starting torchrun (c10d rendezvous on
     the first node of the allocation)."""
 
@@ -149,6 +152,10 @@ class SlurmProfile:
     """Memory per node, e.g. `64G`; default: Slurm's."""
     time: str = "01:00:00"
     """Time limit ([days-]hours:minutes:seconds)."""
+    signal_lead_s: int = 180
+    """Seconds before the time limit at which Slurm sends SIGTERM to the job's steps
+    (`#SBATCH --signal=TERM@N`): pretraining saves a checkpoint and stops, and the next
+    job resumes from it. 0: no early signal (only SIGTERM ~30 s before the kill)."""
     partition: Optional[str] = None
     """Partition; default: the cluster's default partition."""
     account: Optional[str] = None
@@ -173,10 +180,6 @@ class SlurmProfile:
     setup: List[str] = field(default_factory=list)
     """Shell lines run before the job starts, e.g. `module load cuda/12.4`,
     `source ~/venvs/distill/bin/activate`. Written to the script as they are."""
-    python: Optional[str] = None
-    """Interpreter on the nodes; default: the one running `distill` (shared filesystem)."""
-    env: Dict[str, str] = field(default_factory=dict)
-    """Environment variables exported in the job script (values are quoted)."""
 
     def __post_init__(self):
         check_choice(self.kind, "kind", ["slurm"])
@@ -186,6 +189,10 @@ class SlurmProfile:
               "must be >= 1")
         check(bool(_SLURM_TIME.match(self.time)), "time",
               f"must look like 01:00:00 or 2-00:00:00, got {self.time!r}")
+        limit = slurm_time_seconds(self.time)
+        check(0 <= self.signal_lead_s < min(limit, 65536), "signal_lead_s",
+              f"must be >= 0 and below the time limit ({self.time} = {limit} s), got "
+              f"{self.signal_lead_s}")
         for name in ("mem", "partition", "account", "qos"):
             value = getattr(self, name)
             check(value is None or bool(_SBATCH_SAFE.match(value)), name,
@@ -198,33 +205,32 @@ class SlurmProfile:
             check("\n" not in line, f"setup[{i}]", "one shell line per list item")
         check(0 < self.rdzv_port < 64536, "rdzv_port", "must be a TCP port below 64536")
         check(bool(self.log_dir.strip()), "log_dir", "must not be empty")
-        _check_env(self.env)
+        self._check_env_fields()
 
 
 @dataclass
-class RayProfile:
+class RayProfile(JobEnvironment):
     """A running Ray cluster: jobs go through its job-submission API; pretraining runs as
     a Ray Train `TorchTrainer` whose workers run the DeepSpeed trainer."""
 
     kind: str = "ray"
     """Always `ray`."""
     address: str = "http://127.0.0.1:8265"
-    """The cluster's dashboard (job submission) address; `RAY_ADDRESS` overrides it."""
+    """The cluster's dashboard (job submission) address; `RAY_ADDRESS` overrides it. The
+    job API has no authentication: keep the dashboard on 127.0.0.1 and reach it through
+    an SSH tunnel or `kubectl port-forward` (cluster/README.md)."""
     num_workers: int = 1
     """Ray Train workers (training processes) for `pretrain`."""
     cpus_per_worker: float = 1.0
     """CPUs each training worker reserves."""
     gpus_per_worker: float = 0.0
-    """GPUs each training worker reserves (0: CPU, gloo)."""
+    """Whole GPUs each training worker reserves (0: CPU, gloo). Fractions are refused:
+    NCCL cannot put two ranks on one GPU."""
     prep_workers: Optional[int] = None
     """Ray tasks in flight for `prep` (its `--workers`); default: the cluster's CPUs."""
     working_dir: Optional[str] = None
     """Folder uploaded with the job (Ray runtime_env). Default: none, the nodes share a
     filesystem and the job starts in the folder you submit from."""
-    python: Optional[str] = None
-    """Interpreter on the Ray nodes; default: the one running `distill`."""
-    env: Dict[str, str] = field(default_factory=dict)
-    """Environment variables of the job (runtime_env env_vars)."""
     rayjob_template: str = "rayjob.yaml.tmpl"
     """KubeRay RayJob manifest template shown by --dry-run; a bare name is looked up in
     cluster/ray/."""
@@ -235,10 +241,13 @@ class RayProfile:
               f"must be the dashboard URL, e.g. http://head:8265, got {self.address!r}")
         check(self.num_workers >= 1, "num_workers", "must be >= 1")
         check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
-        check(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        check(self.gpus_per_worker >= 0 and float(self.gpus_per_worker).is_integer(),
+              "gpus_per_worker", f"must be a whole number of GPUs (0, 1, 2, ...), got "
+                                 f"{self.gpus_per_worker}: NCCL refuses two ranks on one "
+                                 f"GPU")
         check(self.prep_workers is None or self.prep_workers >= 0, "prep_workers",
               "must be >= 0")
-        _check_env(self.env)
+        self._check_env_fields()
 
 
 Profile = Union[LocalProfile, TorchrunProfile, DeepSpeedProfile, SlurmProfile, RayProfile]

@@ -10,7 +10,6 @@ Train set up). The same entrypoint can go into a KubeRay ``RayJob`` manifest
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
@@ -22,10 +21,14 @@ from typing import Sequence
 
 from launcher.commands import Step
 from launcher.errors import LaunchError
+from launcher.job_env import MASK
 from launcher.profiles import RayProfile
 from launcher.templates import render, template_path, yaml_value
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+K8S_SECRET = "distill-secrets"
+"""The Kubernetes Secret the RayJob manifest reads secrets from (one key per variable):
+`kubectl create secret generic distill-secrets --from-literal=HF_TOKEN=...`."""
 
 
 def step_argv(profile: RayProfile, python: str, step: Step) -> list[str]:
@@ -53,13 +56,28 @@ def entrypoint(profile: RayProfile, python: str, steps: Sequence[Step],
 
 
 def runtime_env(profile: RayProfile, profile_path: Path) -> dict:
+    """The job's runtime_env. A secret appears as ``${NAME}`` (Ray expands that from the
+    cluster's own environment); ``fill_secrets`` puts in the values we have."""
     env: dict = {}
-    if profile.env:
-        env["env_vars"] = dict(profile.env)
+    env_vars = {**profile.plain_env(), **{n: f"${{{n}}}" for n in profile.secret_names()}}
+    if env_vars:
+        env["env_vars"] = env_vars
     if profile.working_dir is not None:
         wd = Path(profile.working_dir)
         env["working_dir"] = str(wd if wd.is_absolute() else profile_path.parent / wd)
     return env
+
+
+def fill_secrets(renv: dict, profile: RayProfile, mask: bool) -> dict:
+    """``renv`` with each secret's value (from the profile's `env` or from the environment
+    we submit from), or ``MASK`` for printing; a secret with no value here stays
+    ``${NAME}`` for the cluster to fill."""
+    env_vars = dict(renv.get("env_vars", {}))
+    for name in profile.secret_names():
+        value = profile.env.get(name, os.environ.get(name))
+        if value is not None:
+            env_vars[name] = MASK if mask else value
+    return {**renv, "env_vars": env_vars} if env_vars else dict(renv)
 
 
 def address(profile: RayProfile) -> str:
@@ -136,12 +154,16 @@ def render_rayjob(profile: RayProfile, profile_path: Path, *, name: str, entry: 
     if not tpl.is_file():
         raise LaunchError(f"{profile_path}: rayjob_template: {tpl} not found")
     k8s_name = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63] or "distill"
-    # In a pod the code is in the image: only the environment variables travel.
+    # In a pod the code is in the image: only the environment variables travel; secrets
+    # stay ${NAME}, filled from a Kubernetes Secret in the containers' environment.
     pod_env = {"env_vars": renv["env_vars"]} if renv.get("env_vars") else {}
+    secret_refs = [{"name": n, "valueFrom": {"secretKeyRef": {
+        "name": K8S_SECRET, "key": n}}} for n in profile.secret_names()]
     return render(tpl.read_text(), {
         "name": k8s_name, "entrypoint": entry, "runtime_env_yaml": json.dumps(pod_env),
+        "secret_env": secret_refs,
         "num_workers": profile.num_workers,
-        # Kubernetes wants whole GPUs; fractional CPUs are fine as a quantity string.
+        # Fractional CPUs are fine as a quantity string; GPUs are whole (profiles.py).
         "cpus_per_worker": f"{profile.cpus_per_worker:g}",
-        "gpus_per_worker": int(math.ceil(profile.gpus_per_worker)),
+        "gpus_per_worker": int(profile.gpus_per_worker),
     }, source=tpl, quote=yaml_value)

@@ -9,12 +9,14 @@ arguments (no shell in between); every value inside the script is ``shlex``-quot
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Sequence
 
+from distill_common import lifeline
 from launcher.commands import Step
 from launcher.errors import LaunchError
 from launcher.profiles import SlurmProfile
@@ -48,6 +50,10 @@ def sbatch_lines(profile: SlurmProfile) -> list[str]:
         value = getattr(profile, key)
         if value:
             lines.append(f"#SBATCH --{key}={value}")
+    if profile.signal_lead_s:
+        # SIGTERM to every job step that long before the time limit: pretraining saves a
+        # checkpoint and stops, instead of being killed ~30 s after Slurm's own TERM.
+        lines.append(f"#SBATCH --signal=TERM@{profile.signal_lead_s}")
     if profile.requeue:
         # A requeued job appends to its log instead of truncating the first run's lines.
         lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
@@ -86,7 +92,12 @@ def render_script(profile: SlurmProfile, profile_path: Path, steps: Sequence[Ste
     tpl = template_path(profile.template, profile_path, "slurm")
     if not tpl.is_file():
         raise LaunchError(f"{profile_path}: template: {tpl} not found")
-    env_lines = [f"export {name}={shell_value(value)}" for name, value in profile.env.items()]
+    env_lines = [f"export {name}={shell_value(value)}"
+                 for name, value in profile.plain_env().items()]
+    # Secrets: never in this file; sbatch --export hands them over from the environment
+    # `distill launch` ran in. A missing one stops the job here with its name.
+    env_lines += [f': "${{{name}:?is not set: export it where you run distill launch}}"'
+                  for name in profile.secret_names()]
     return render(tpl.read_text(), {
         "nodes": profile.nodes, "time": profile.time,
         "sbatch_lines": sbatch_lines(profile), "job_name": job_name, "recipe": recipe,
@@ -101,9 +112,14 @@ def log_pattern(log_dir: Path, job_name: str) -> str:
     return str(log_dir).replace("%", "%%") + f"/{safe_file_stem(job_name)}-%j.log"
 
 
-def sbatch_argv(script: Path, job_name: str, log_dir: Path, workdir: Path) -> list[str]:
+def sbatch_argv(script: Path, job_name: str, log_dir: Path, workdir: Path,
+                secret_names: Sequence[str] = ()) -> list[str]:
+    """sbatch's command line. Secrets are exported by name (their values come from
+    sbatch's environment, see ``submit``), on top of the environment sbatch exports."""
+    export = [f"--export=ALL,{','.join(secret_names)}"] if secret_names else []
     return ["sbatch", "--parsable", f"--job-name={job_name}",
-            f"--output={log_pattern(log_dir, job_name)}", f"--chdir={workdir}", str(script)]
+            f"--output={log_pattern(log_dir, job_name)}", f"--chdir={workdir}", *export,
+            str(script)]
 
 
 def require_tool(name: str) -> str:
@@ -115,10 +131,13 @@ def require_tool(name: str) -> str:
     return path
 
 
-def submit(argv: list[str]) -> str:
-    """Run sbatch; return the job id (``--parsable`` prints ``id[;cluster]``)."""
+def submit(argv: list[str], secrets: dict[str, str] | None = None) -> str:
+    """Run sbatch (with ``secrets`` in its environment, for ``--export``); return the job
+    id (``--parsable`` prints ``id[;cluster]``)."""
     require_tool("sbatch")
-    r = subprocess.run(argv, capture_output=True, text=True)
+    # The job outlives this process: it must not inherit a tie to an enclosing launcher.
+    env = {**lifeline.untied(os.environ), **(secrets or {})}
+    r = subprocess.run(argv, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise LaunchError(f"sbatch refused the job (exit {r.returncode}): "
                           f"{r.stderr.strip() or r.stdout.strip()}")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from distill_common.build_cache import extensions_dir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,6 +19,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# DeepSpeed's compiled ops are built once per machine (under the default DISTILL_CACHE),
+# not once per test that gives itself a private DISTILL_CACHE (a minute or two each).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
 
 REPO = Path(__file__).resolve().parent.parent
 

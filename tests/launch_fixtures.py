@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,11 @@ def prepared_shards(base: Path, recipe: Path) -> Path:
         r = run_distill(["prep", str(recipe), f"prep.output_dir={out}", "prep.workers=0"])
         assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+def write_executable(path: Path, text: str) -> Path:
+    """A script (a stand-in for sbatch, srun, pdsh, ...) at ``path``, executable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path

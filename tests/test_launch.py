@@ -16,7 +16,9 @@ from launch_fixtures import write_tiny_recipe
 from launcher import commands, control, jobs
 from launcher.errors import LaunchError
 from launcher.launch import plan
+from launcher.machine import visible_gpus
 from launcher.profiles import cluster_dir, is_profile_file, load_profile
+from launcher.remote_command import decode
 from launcher.templates import render
 
 EVIL = "$(touch /tmp/pwned-launch-unit) `id` ; x='q\"uote'"
@@ -39,6 +41,14 @@ def test_every_shipped_profile_parses_and_renders_every_stage(recipe, tmp_path):
     rendered = 0
     for path in profiles:
         profile, _ = load_profile(str(path))
+        counts_gpus = "auto" in (getattr(profile, "nproc_per_node", 0),
+                                 getattr(profile, "gpus_per_node", 0))
+        if counts_gpus and visible_gpus() == 0:
+            # local/gpu: `auto` needs a GPU; here it says so, and renders with numbers.
+            with pytest.raises(LaunchError, match="shows none"):
+                plan(str(recipe), [], str(path), workdir=tmp_path)
+            path = tmp_path / "counted.yaml"
+            path.write_text(yaml.safe_dump({"kind": "local", "nproc_per_node": 2}))
         for stage in commands.STAGES:
             multi_node_all = (profile.kind == "torchrun" and profile.nnodes > 1
                               and stage == "all")
@@ -170,6 +180,8 @@ def test_deepspeed_hostfile_form(recipe, tmp_path):
     (argv,) = p.commands
     assert argv[2] == "deepspeed.launcher.runner" and "--no_local_rank" in argv
     assert "--master_addr=node1.example.internal" in argv
+    assert argv[-2] == "launcher.remote_command"
+    assert decode(argv[-1])["argv"] == ["pretrain", str(recipe)]
     hosts = commands.parse_hostfile(cluster_dir() / "deepspeed" / "hostfile.example")
     assert [(h.name, h.slots) for h in hosts] == [("node1.example.internal", 8),
                                                   ("node2.example.internal", 8)]

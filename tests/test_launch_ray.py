@@ -32,12 +32,20 @@ def test_prep_then_ray_train_distillation(head, env, tmp_path, tiny_teacher_dir,
                                                 tiny_corpus_dir):
     recipe = write_tiny_recipe(tmp_path / "recipe", tiny_teacher_dir, tiny_corpus_dir)
     shards = tmp_path / "ray shards"
+    secret = "s3cr3t-value-for-the-job"
     r = run_distill(["launch", str(recipe), f"prep.output_dir={shards}", "prep.workers=2",
                      "--cluster", "ray/local", "--stage", "prep",
-                     "--set", f"address={head.address}"], env=env, cwd=tmp_path)
+                     "--set", f"address={head.address}", "--set", "secret_env=[DISTILL_KEY]"],
+                    env={**env, "DISTILL_KEY": secret}, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     job = r.stdout.strip().splitlines()[-1]
     assert job.startswith("distill-launchtest-prep-")
+    # The secret went to the job (runtime_env) and nowhere on screen.
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(head.address).get_job_info(job)
+    assert info.runtime_env["env_vars"]["DISTILL_KEY"] == secret
+    assert secret not in r.stdout + r.stderr
 
     status = run_distill(["launch", "status", job, "--wait", "--timeout", "180"], env=env)
     logs = run_distill(["launch", "logs", job], env=env)

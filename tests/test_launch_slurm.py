@@ -149,3 +149,24 @@ def test_status_and_cancel_of_a_held_job(slurm, recipe_and_shards, tmp_path, mon
     # logs of a job that never ran: a clear error, not a traceback.
     assert main(["launch", "logs", job]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_term_before_the_time_limit_makes_the_run_checkpoint(slurm, env, recipe_and_shards,
+                                                             tmp_path):
+    """`#SBATCH --signal=TERM@60` on a 4-minute job that would train for hours: Slurm
+    sends SIGTERM to the job's steps about a minute before the limit (up to a minute
+    earlier: its resolution), every rank saves a checkpoint and stops, and the job ends
+    before Slurm would kill it."""
+    recipe, shards = recipe_and_shards
+    out = tmp_path / "limited"
+    job = _submit([str(recipe), f"train.data_dir={shards}", f"train.output_dir={out}",
+                   "train.max_steps=10000000", "--cluster", "slurm/cpu", "--stage",
+                   "pretrain", "--set", "time=00:04:00", "--set", "signal_lead_s=60"],
+                  env, tmp_path)
+    r = run_distill(["launch", "status", job, "--wait", "--timeout", "330"], env=env)
+    text = run_distill(["launch", "logs", job], env=env).stdout
+    assert r.returncode in (0, 1), r.stdout + r.stderr  # the job ended, either way
+    assert r.stdout.split()[1] != "TIMEOUT", text[-4000:]
+    assert text.count("stopped by SIGTERM at step") == 2, text[-4000:]  # both ranks
+    (ckpt,) = sorted((out / "checkpoints").glob("step-*"))
+    assert json.loads((ckpt / "complete.json").read_text())["world_size"] == 2

@@ -151,3 +151,25 @@ def test_long_files_say_why():
             if not any(line.startswith("Length:") for line in doc.splitlines()):
                 unexplained.append(f"{module} ({text.count(chr(10))} lines)")
     assert unexplained == []
+
+
+def test_every_user_error_derives_from_the_one_base():
+    """The CLI prints DistillUserError as one line and lets anything else show its
+    traceback; an error class named for users that misses the base would print a trace."""
+    import importlib
+    import inspect
+
+    from distill_common.errors import DistillUserError
+
+    user_facing = ("UserError", "ConfigError", "AssetError", "PrepError", "LaunchError",
+                   "DataError", "TaskError", "RecipeValidationError", "HubModelError",
+                   "UnsupportedArchitectureError", "DistributedUserError")
+    missing = []
+    for module in _modules():
+        if module.endswith("__main__"):
+            continue  # runs the CLI when imported
+        for name, obj in vars(importlib.import_module(module)).items():
+            if inspect.isclass(obj) and issubclass(obj, Exception) and \
+                    name.endswith(user_facing) and not issubclass(obj, DistillUserError):
+                missing.append(f"{module}.{name}")
+    assert missing == []

@@ -7,7 +7,8 @@ kernel does all of it one row at a time, in L1, with the gradient accumulated as
 The library is compiled with the machine's C compiler (``$CC``, else ``cc``/``gcc``) for
 this CPU (``-march=native``) into ``$DISTILL_CACHE/kernels/`` under a name that hashes the
 source, the flags and the CPU's feature flags, so nodes with different CPUs sharing a
-cache never load each other's build. Without a compiler, or with ``DISTILL_KERNELS=0``,
+cache never load each other's build; its SHA-256 is recorded beside it and checked
+before each load (a mismatch is rebuilt). Without a compiler, or with ``DISTILL_KERNELS=0``,
 ``library()`` returns None and the losses use their PyTorch path (logged once). Work is
 split over ``torch.get_num_threads()`` threads; ctypes releases the GIL during each call.
 """
@@ -21,7 +22,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,32 +74,30 @@ def _compiler() -> str:
     raise KernelUnavailable("no C compiler (cc, gcc or clang) on PATH; set CC")
 
 
+def _compile(cc: str, out: Path) -> None:
+    obj = out.with_suffix(".o")
+    try:
+        for step in ([cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)],
+                     [cc, "-shared", "-o", str(out), str(obj), "-lm"]):
+            done = subprocess.run(step, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise KernelUnavailable(f"{cc} failed to build {SOURCE.name}: "
+                                        f"{done.stderr.strip()[-500:]}")
+    finally:
+        obj.unlink(missing_ok=True)
+
+
 def _build() -> ctypes.CDLL:
     from distill_common.assets import cache_dir
+    from distill_common.build_cache import cached_build
 
     cc = _compiler()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(),
                                      _cpu_identity()])).hexdigest()[:16]
-    folder = cache_dir() / "kernels"
-    target = folder / f"relation-{key}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".relation-", suffix=".so", dir=folder)
-        os.close(fd)
-        obj = tmp[:-3] + ".o"
-        try:
-            for step in ([cc, *FLAGS, "-c", "-o", obj, str(SOURCE)],
-                         [cc, "-shared", "-o", tmp, obj, "-lm"]):
-                done = subprocess.run(step, capture_output=True, text=True, timeout=120)
-                if done.returncode != 0:
-                    raise KernelUnavailable(f"{cc} failed to build {SOURCE.name}: "
-                                            f"{done.stderr.strip()[-500:]}")
-            os.replace(tmp, target)  # atomic: a concurrent rank sees the old or the new
-        finally:
-            for leftover in (tmp, obj):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
+    # One builder at a time; the .so's SHA-256 is recorded and checked before each load.
+    target = cached_build(cache_dir() / "kernels" / f"relation-{key}.so",
+                          lambda out: _compile(cc, out), "the fused relation kernel")
     lib = ctypes.CDLL(str(target))
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.relation_target.argtypes = [ptr, ptr, i32, i32, i32, f32, ptr, ptr]
