@@ -226,6 +226,9 @@ class RayProfile(JobEnvironment):
     gpus_per_worker: float = 0.0
     """Whole GPUs each training worker reserves (0: CPU, gloo). Fractions are refused:
     NCCL cannot put two ranks on one GPU."""
+    max_failures: int = 3
+    """Times Ray Train restarts the training workers after a failure or a stop; each
+    restart resumes from the newest checkpoint (a SIGTERM saves one first)."""
     prep_workers: Optional[int] = None
     """Ray tasks in flight for `prep` (its `--workers`); default: the cluster's CPUs."""
     working_dir: Optional[str] = None
@@ -247,6 +250,7 @@ class RayProfile(JobEnvironment):
                                  f"GPU")
         check(self.prep_workers is None or self.prep_workers >= 0, "prep_workers",
               "must be >= 0")
+        check(self.max_failures >= 0, "max_failures", "must be >= 0")
         self._check_env_fields()
 
 

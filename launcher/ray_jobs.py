@@ -40,7 +40,8 @@ def step_argv(profile: RayProfile, python: str, step: Step) -> list[str]:
     if step.distributed:
         return [python, "-m", "launcher.ray_train", f"--num-workers={profile.num_workers}",
                 f"--cpus-per-worker={profile.cpus_per_worker}",
-                f"--gpus-per-worker={profile.gpus_per_worker}", "--", *step.args[1:]]
+                f"--gpus-per-worker={profile.gpus_per_worker}",
+                f"--max-failures={profile.max_failures}", "--", *step.args[1:]]
     return [python, "-m", "distill_cli", *step.args]
 
 

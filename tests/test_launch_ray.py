@@ -72,7 +72,8 @@ def test_prep_then_ray_train_distillation(head, env, tmp_path, tiny_teacher_dir,
     assert status.stdout.split() == [job, "SUCCEEDED"], logs[-5000:]
     assert "world_rank=1" in logs
     (ckpt,) = sorted((out / "checkpoints").glob("step-*"))
-    assert json.loads((ckpt / "complete.json").read_text()) == {"step": 2, "world_size": 2}
+    complete = json.loads((ckpt / "complete.json").read_text())
+    assert complete["step"] == 2 and complete["world_size"] == 2
 
 
 def test_cancel_a_ray_job(head, tmp_path, tiny_teacher_dir, tiny_corpus_dir, monkeypatch,
@@ -95,3 +96,51 @@ def test_cancel_a_ray_job(head, tmp_path, tiny_teacher_dir, tiny_corpus_dir, mon
     assert job in capsys.readouterr().out
     assert main(["launch", "status", job, "--wait", "--timeout", "60"]) == 1
     assert capsys.readouterr().out.split() == [job, "STOPPED"]
+
+
+def test_a_sigterm_under_ray_train_saves_and_the_retry_resumes(head, env, tmp_path,
+                                                                tiny_teacher_dir,
+                                                                tokenizer_dir):
+    """SIGTERM to the Ray Train workers (what a preempted node's processes get): each
+    rank saves a checkpoint before its worker goes, Ray Train restarts the workers
+    (FailureConfig) and the new ranks resume from that checkpoint, to the end."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from test_data_loader import write_shards
+
+    shards = write_shards(tmp_path / "shards", tokenizer_dir, seq_len=32)
+    out = tmp_path / "pretrain"
+    recipe = write_tiny_recipe(tmp_path / "recipe", tiny_teacher_dir, tmp_path,
+                               max_steps=300)
+    r = run_distill(["launch", str(recipe), f"train.data_dir={shards}",
+                     f"train.output_dir={out}", "--cluster", "ray/local", "--stage",
+                     "pretrain", "--set", f"address={head.address}", "--set", "num_workers=2",
+                     "--set", "max_failures=1"], env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip().splitlines()[-1]
+    deadline = time.time() + 240
+    steps = []
+    while time.time() < deadline and (not steps or max(steps) < 5):
+        if (out / "metrics.jsonl").is_file():
+            steps = [json.loads(line)["step"] for line in
+                     (out / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+        time.sleep(0.2)
+    ranks = [p for p in psutil.process_iter(["cmdline"])
+             if p.info["cmdline"] and "distill_cli" in p.info["cmdline"]
+             and str(recipe) in p.info["cmdline"] and "pretrain" in p.info["cmdline"]]
+    assert len(ranks) == 2, [p.info["cmdline"] for p in ranks]
+    for worker in {rank.parent().pid for rank in ranks}:  # the Ray Train workers
+        os.kill(worker, signal.SIGTERM)
+    status = run_distill(["launch", "status", job, "--wait", "--timeout", "400"], env=env,
+                         timeout=450)
+    logs = run_distill(["launch", "logs", job], env=env).stdout
+    assert status.stdout.split() == [job, "SUCCEEDED"], logs[-5000:]
+    assert "stopped by SIGTERM at step" in logs and "resumed from" in logs
+    stopped_at = int(logs.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 0 < stopped_at < 300
+    final = json.loads((out / "checkpoints" / "step-00000300" / "complete.json").read_text())
+    assert final["world_size"] == 2
