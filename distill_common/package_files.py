@@ -40,7 +40,7 @@ def _copy_members(members: Iterator[Member], where: str, prefix: str,
                   dest: Path, names: Optional[Iterable[str]], skip: Sequence[str]) -> int:
     """``members`` yields (path, opener) for every regular file of an archive."""
     wanted = set(names) if names is not None else None
-    n = 0
+    copied = []
     for path, opener in members:
         out = _destination(dest, path, prefix, wanted, skip)
         if out is None:
@@ -48,12 +48,13 @@ def _copy_members(members: Iterator[Member], where: str, prefix: str,
         out.parent.mkdir(parents=True, exist_ok=True)
         with opener() as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        n += 1
-    if n == 0:
+        copied.append(path[len(prefix):])
+    missing = sorted(wanted - set(copied)) if wanted is not None else []
+    if not copied or missing:
         raise PackageContentError(f"{where}: no files under {prefix!r}"
-                                  + (f" named {sorted(wanted)}" if wanted else "")
+                                  + (f" named {missing}" if missing else "")
                                   + "; is it the right package?")
-    return n
+    return len(copied)
 
 
 def _tar_members(tar: tarfile.TarFile) -> Iterator[Member]:
@@ -65,7 +66,8 @@ def _tar_members(tar: tarfile.TarFile) -> Iterator[Member]:
 def wheel_members(wheel: Path, prefix: str, dest: Path, skip: Sequence[str] = (),
                   names: Optional[Iterable[str]] = None) -> int:
     """Copy the members of a wheel (or any zip) under ``prefix`` to ``dest``, prefix
-    stripped; only ``names`` (relative to the prefix) when given. Returns the count."""
+    stripped; only ``names`` (relative to the prefix, every one required) when given.
+    Returns the count."""
     with zipfile.ZipFile(wheel) as zf:
         members = ((i.filename, lambda i=i: zf.open(i)) for i in zf.infolist()
                    if not i.is_dir())
