@@ -121,7 +121,7 @@ def _extract_oanc(files: list[Path], dest: Path) -> None:
 
 def _extract_wordnet(files: list[Path], dest: Path) -> None:
     deb_members(files[0], "usr/share/wordnet/", dest,
-                 names=["data.noun", "data.verb", "data.adj", "data.adv"])
+                names=["data.noun", "data.verb", "data.adj", "data.adv"])
 
 
 def _extract_gcide(files: list[Path], dest: Path) -> None:
