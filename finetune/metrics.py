@@ -31,17 +31,25 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict
             "mse": float(mean_squared_error(t, p))}
 
 
+def is_span_tag(tag: str) -> bool:
+    """``O`` or a span tag with a scheme prefix (``B-PER``, ``I-NP``, also E-/S-/L-/U-)."""
+    return tag == "O" or (len(tag) > 2 and tag[0] in "BIESLU" and tag[1] == "-")
+
+
 def token_metrics(tags_true: Sequence[Sequence[str]], tags_pred: Sequence[Sequence[str]]
                   ) -> dict[str, float]:
-    """Entity-level precision/recall/F1 over BIO spans (seqeval, CoNLL rules) and
-    per-token accuracy."""
+    """Per-token accuracy and, where the gold tags mark spans (BIO), entity-level
+    precision/recall/F1 (seqeval, CoNLL rules). Word-class tags (``NN``, ``VBZ``: part of
+    speech) have no spans: only token accuracy."""
     from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
 
     t, p = [list(s) for s in tags_true], [list(s) for s in tags_pred]
-    return {"entity_f1": float(f1_score(t, p, zero_division=0)),
-            "entity_precision": float(precision_score(t, p, zero_division=0)),
-            "entity_recall": float(recall_score(t, p, zero_division=0)),
-            "token_accuracy": float(accuracy_score(t, p))}
+    scores = {"token_accuracy": float(accuracy_score(t, p))}
+    if all(is_span_tag(tag) for sent in t for tag in sent):
+        scores.update({"entity_f1": float(f1_score(t, p, zero_division=0)),
+                       "entity_precision": float(precision_score(t, p, zero_division=0)),
+                       "entity_recall": float(recall_score(t, p, zero_division=0))})
+    return scores
 
 
 def task_metrics(task_type: str, y_true: Sequence, y_pred: Sequence) -> dict[str, float]:

@@ -38,7 +38,8 @@ class SourceConfig:
 
     corpus: Optional[str] = None
     """A named labelled corpus read with distill_common.corpora (bbc_news,
-    wiki_summaries); columns `id`, `text`, `label`."""
+    wiki_summaries, rotten_tomatoes; oanc_pos for token tasks); columns `id`, `text`,
+    `label`."""
     path: Optional[str] = None
     """One file or `datasets` folder; split below unless it is a DatasetDict with
     validation/test splits."""

