@@ -162,13 +162,11 @@ def _stage_finetune(ctx: "_Context") -> dict:
     import json
 
     from distill_common.fsio import atomic_write_json
-    from finetune import run_tasks
+    from finetune import run_models
 
-    results = {}
-    for name, folder in _models(ctx.recipe).items():
-        log.info("finetune: %s (%s) on %s", name, folder, ", ".join(ctx.recipe.finetune.tasks))
-        results[name] = run_tasks(folder, Path(ctx.recipe.finetune.output_dir) / name,
-                                  ctx.recipe.finetune)
+    log.info("finetune: teacher and student on %s", ", ".join(ctx.recipe.finetune.tasks))
+    results = run_models(_models(ctx.recipe), ctx.recipe.finetune.output_dir,
+                         ctx.recipe.finetune)
     path = Path(ctx.recipe.finetune.output_dir) / "results.json"
     atomic_write_json(path, json.loads(json.dumps(results, default=str)))
     return {"results": str(path)}
