@@ -100,7 +100,7 @@ def pooler_note(model_dir: Path, start: str) -> Optional[str]:
     with a random pooler, or its teacher does too. None when the pooler is not fresh."""
     if start != "fresh":
         return None
-    export = _export_record(model_dir)
+    export = export_record(model_dir)
     if export.get("fresh_pooler_only_in_student"):
         return (f"{model_dir} starts fine-tuning with a fresh (random) pooler while its "
                 f"teacher starts with its trained one: the comparison starts unequal "
@@ -111,7 +111,9 @@ def pooler_note(model_dir: Path, start: str) -> Optional[str]:
     return f"{model_dir} has no pooler weights: fine-tuning starts it with a fresh pooler"
 
 
-def _export_record(model_dir: Path) -> dict:
+def export_record(model_dir: Path) -> dict:
+    """The ``export`` entry of a student's distill_run.json (pooler, teacher_has_pooler,
+    fresh_pooler_only_in_student, note...); {} for any other folder."""
     import json
 
     record = Path(model_dir) / "distill_run.json"

@@ -179,8 +179,10 @@ def _stage_report(ctx: "_Context") -> dict:
 
     results = json.loads((Path(ctx.recipe.finetune.output_dir) / "results.json").read_text())
     tasks = [load_task(spec) for spec in ctx.recipe.finetune.tasks]
+    curves = Path(ctx.recipe.train.output_dir) / "metrics.jsonl"
     build_report(_models(ctx.recipe), results, ctx.recipe.report.output_dir, "teacher",
-                 ctx.recipe.report, task_configs={t.name: t for t in tasks})
+                 ctx.recipe.report, task_configs={t.name: t for t in tasks},
+                 pretrain_metrics={"student": curves})
     return {"report_md": str(Path(ctx.recipe.report.output_dir) / "report.md"),
             "report_json": str(Path(ctx.recipe.report.output_dir) / "report.json")}
 
