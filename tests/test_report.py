@@ -150,7 +150,8 @@ def test_report_cli_joins_results_and_finetunes_missing(tmp_path, pair_of_models
                "--model", f"student={pair_of_models['student']}", "--teacher", "teacher",
                "--task", str(tmp_path / "topics.yaml"), "--results", str(tmp_path / "results"),
                "--finetune-missing", "--out", str(tmp_path / "rep"),
-               "latency_batch_sizes=[1]", "latency_repeats=2", "latency_seq_len=8",
+               "report.latency_batch_sizes=[1]", "report.latency_repeats=2",
+               "report.latency_seq_len=8",
                "finetune.epochs=1", "finetune.precision=fp32", "finetune.save_model=none"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
