@@ -14,13 +14,11 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 from distill_common.errors import DistillUserError
 from distill_common.fsio import atomic_dir, atomic_write_json, sha256_file
+from distill_common.progress import run_with_progress
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +293,8 @@ def _download(pkg: Package, into: Path) -> Path:
     else:
         cmd = ["apt-get", "download", pkg.spec]
     try:
-        proc = _run_with_progress(cmd, into, pkg.spec)
+        proc = run_with_progress(cmd, into, f"download {pkg.spec}", unit="MiB",
+                                 scale=2**20, logger=log)
     except (FileNotFoundError, subprocess.TimeoutExpired) as err:
         proc = subprocess.CompletedProcess(cmd, 1, "", str(err))
     new = [p for p in set(into.iterdir()) - before if p.is_file()]
@@ -310,38 +310,6 @@ def _download(pkg: Package, into: Path) -> Path:
             f"\n  Fix: on a machine that reaches it run `{hint}`, copy the file here and run "
             f"`distill assets fetch --from /path/to/file_or_folder`.")
     return found
-
-
-def _run_with_progress(cmd: list[str], cwd: Path, what: str,
-                       timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run a download; its "Progress N of M" lines (pip's raw progress bar) become a
-    progress line in MiB with rate and ETA, the other lines are kept for errors."""
-    from distill_common.progress import Progress
-
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    progress, seen, kept = None, 0.0, []
-    try:
-        for line in proc.stdout:
-            match = re.match(r"Progress (\d+) of (\d+)", line)
-            if not match:
-                kept.append(line)
-                continue
-            done, total = (int(v) / 2**20 for v in match.groups())
-            progress = progress or Progress(f"download {what}", total=round(total, 1),
-                                            unit="MiB", logger=log)
-            progress.update(done - seen)
-            seen = done
-        proc.wait()
-    finally:
-        timer.cancel()
-    if progress is not None:
-        progress.close()
-    if proc.returncode < 0:
-        raise subprocess.TimeoutExpired(cmd, timeout)
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(kept), "")
 
 
 def _obtain(pkg: Package, local: Sequence[Path]) -> Path:

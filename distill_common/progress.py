@@ -1,9 +1,15 @@
-"""A periodic progress line with rate and ETA; works the same in logs, CI and terminals."""
+"""A periodic progress line with rate and ETA; works the same in logs, CI and terminals.
+Also for a child process that reports its progress as "Progress N of M" lines (pip's
+``--progress-bar raw``): ``run_with_progress``."""
 
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 
 def format_seconds(seconds: float) -> str:
@@ -60,3 +66,35 @@ class Progress:
 
     def close(self) -> None:
         self.log.info(self.line())
+
+
+def run_with_progress(cmd: list[str], cwd: Path, desc: str, *, unit: str, scale: float,
+                      logger: logging.Logger, timeout: float = 1800
+                      ) -> subprocess.CompletedProcess:
+    """Run ``cmd``; its "Progress N of M" lines become a progress line (N / ``scale``
+    ``unit``, with rate and ETA); the other lines (stdout and stderr) are returned as
+    stdout. Killed after ``timeout`` seconds (subprocess.TimeoutExpired)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    progress, seen, kept = None, 0.0, []
+    try:
+        for line in proc.stdout:
+            match = re.match(r"Progress (\d+) of (\d+)", line)
+            if not match:
+                kept.append(line)
+                continue
+            done, total = (int(v) / scale for v in match.groups())
+            progress = progress or Progress(desc, total=round(total, 1), unit=unit,
+                                            logger=logger)
+            progress.update(done - seen)
+            seen = done
+        proc.wait()
+    finally:
+        timer.cancel()
+    if progress is not None:
+        progress.close()
+    if proc.returncode < 0:
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(kept), "")

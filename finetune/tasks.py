@@ -7,13 +7,13 @@ A task is a small YAML file (format in configs/tasks/README.md); the built-in on
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from distill_common.config import ConfigError, check, check_choice, load_config
 from distill_common.errors import DistillUserError
+from distill_common.resources import shipped_folder
 from finetune.config import HParams
 
 TASK_TYPES = ("classification", "pair_classification", "regression", "token_classification")
@@ -168,10 +168,9 @@ class TaskConfig:
 
 
 def tasks_dir() -> Path:
-    """The shipped task recipes: ``configs/tasks`` (or ``$DISTILL_CONFIGS_DIR/tasks``)."""
-    env = os.environ.get("DISTILL_CONFIGS_DIR")
-    root = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
-    return root / "tasks"
+    """The shipped task recipes: ``configs/tasks`` (distill_common.resources: installed
+    with the package, or the repository's; ``$DISTILL_CONFIGS_DIR/tasks`` overrides)."""
+    return shipped_folder("configs") / "tasks"
 
 
 def builtin_tasks() -> list[str]:
