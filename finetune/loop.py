@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,10 @@ def _load(run: TaskRun, seed: int):
 
 
 def _seed_metrics(run: TaskRun, seed: int, total_steps: int) -> Metrics:
-    metrics = Metrics(run.out_dir / f"seed-{seed}", enabled=run.ctx.is_main,
-                      max_steps=total_steps)
+    folder = run.out_dir / f"seed-{seed}"
+    if run.ctx.is_main and (folder / "tensorboard").is_dir():
+        shutil.rmtree(folder / "tensorboard")  # a rerun replaces the curves, as the results
+    metrics = Metrics(folder, enabled=run.ctx.is_main, max_steps=total_steps)
     metrics.record_config({"model": str(run.model_dir), "task": run.task.name, "seed": seed,
                            "finetune": {k: v for k, v in vars(run.hp).items() if k != "seeds"}},
                           metrics=[f"validation/{run.task.metric}", "train/loss"])
