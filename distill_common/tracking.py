@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 from distill_common.fsio import atomic_write_text
 from distill_common.progress import format_seconds
@@ -62,6 +63,24 @@ class Metrics:
                         self.path, torn)
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
+    def record_config(self, config: dict, metrics: Sequence[str] = ()) -> None:
+        """The run's resolved configuration in TensorBoard: as YAML text (Text tab, tag
+        ``config``) and its scalar leaves, dotted, as hyperparameters (HParams tab,
+        beside ``metrics``: tags this run logs, e.g. ``eval/mlm_accuracy``)."""
+        if not self.enabled or self.writer is None:
+            return
+        import yaml
+        from torch.utils.tensorboard.summary import hparams
+
+        text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+        # TensorBoard renders text as markdown: indented lines stay a literal block.
+        self.writer.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()))
+        # Written to this run's own event file (add_hparams would open a second run), so
+        # the HParams tab pairs the values with this run's scalars.
+        for summary in hparams(flat_hparams(config), {tag: 0.0 for tag in metrics}):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
+
     def log(self, step: int, values: dict[str, float], *, progress: bool = True) -> None:
         if not self.enabled:
             return
@@ -101,6 +120,21 @@ class Metrics:
         if self.writer is not None:
             self.writer.close()
         self._file.close()
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}``; lists and None become text
+    (TensorBoard takes numbers, strings and booleans)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
 
 
 def read_metrics(path: str | Path) -> list[dict]:

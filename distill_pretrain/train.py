@@ -46,6 +46,9 @@ from distill_pretrain.validate import validate_models
 
 log = logging.getLogger(__name__)
 
+EVAL_TAGS = ("train/total", "eval/total", "eval/mlm_accuracy", "eval/agreement")
+"""What TensorBoard's HParams tab sets against the recipe's values."""
+
 
 @dataclass
 class TrainResult:
@@ -126,6 +129,7 @@ def _pretrain(job: PretrainJob, world: World, manifest: dict) -> TrainResult:
         world_size=world.world_size, max_samples=cfg.eval_samples)
     metrics = Metrics(cfg.output_dir, enabled=world.is_main, max_steps=cfg.max_steps,
                       tensorboard=cfg.tensorboard, start_step=state.step)
+    metrics.record_config(job.recipe, metrics=EVAL_TAGS)
     saver = _Saver(checkpoints, state, position, world)
     loop = TrainLoop(cfg=cfg, world=world, engine=engine, objective=objective, teacher=teacher,
                      loader=loader, position=position, state=state, metrics=metrics,

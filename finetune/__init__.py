@@ -4,6 +4,7 @@ Public API (heavy imports happen on first use, so `distill --help` stays fast):
     run_task(model_dir, task, out_dir, cfg=None, task_overrides=()) -> dict
     build_report(models, results, out_dir, teacher, cfg=None) -> dict
     run_tasks(model_dir, out_dir, cfg=None) -> dict[task name, dict]
+    run_models(models, out_dir, cfg=None) -> dict[model name, dict[task name, dict]]
     heldout_doc_hashes(task) -> set[str]
     write_holdout_file(tasks, path) -> int
 """
@@ -15,6 +16,7 @@ from typing import Any
 _EXPORTS = {
     "run_task": "finetune.train",
     "run_tasks": "finetune.train",
+    "run_models": "finetune.train",
     "write_holdout_file": "finetune.holdout",
     "build_report": "finetune.report",
     "heldout_doc_hashes": "finetune.holdout",

@@ -1,9 +1,11 @@
 """`distill finetune MODEL_DIR TASK [k=v...]`, `distill report ...`, `distill compare A B`,
 `distill tasks ...`.
 
-Overrides: `task.<key>=...` edits the task recipe (e.g. `task.split.seed=1`); any other
-key is a fine-tuning setting (`epochs=2 seeds=[0,1,2] batch_size=16`, see
-finetune/config.py). Multi-process: `torchrun --nproc_per_node N -m distill_cli finetune ...`.
+Overrides are dotted keys, as in every command: `finetune.<key>=` is a fine-tuning
+setting (`finetune.epochs=2 finetune.seeds=[0,1,2]`, see finetune/config.py),
+`task.<key>=` edits the task recipe (`task.split.seed=1`), `report.<key>=` a report
+setting. A bare key (`epochs=2`, the old form) is refused with the dotted form to write.
+Multi-process: `torchrun --nproc_per_node N -m distill_cli finetune ...`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ def register(sub, add_recipe_args) -> None:
     ft.add_argument("model_dir", help="model folder, or a model asset name (minilm_l6)")
     ft.add_argument("task", help="built-in task name or task YAML path")
     ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                    help="fine-tuning settings (epochs=2 seeds=[0,1]) or task.<key>=value")
-    ft.add_argument("--out", help="output folder (default runs/finetune/<model>/<task>); "
-                                  "give options before MODEL_DIR or after the overrides")
+                    help="finetune.<key>=value (finetune.epochs=2 finetune.seeds=[0,1]) or "
+                         "task.<key>=value (task.split.seed=1)")
+    ft.add_argument("--out", help="output folder (default runs/finetune/<model>/<task>)")
     ft.set_defaults(func=_finetune)
 
     rp = sub.add_parser(
@@ -43,7 +45,8 @@ def register(sub, add_recipe_args) -> None:
                     help="fine-tune the (model, task) pairs that have no results first")
     rp.add_argument("--out", required=True, help="report folder")
     rp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                    help="report settings (latency_repeats=20 threads=2) or finetune.<key>=")
+                    help="report.<key>=value (report.latency_repeats=20 report.threads=2) "
+                         "or finetune.<key>=value (with --finetune-missing)")
     rp.set_defaults(func=_report)
 
     cp = sub.add_parser(
@@ -69,11 +72,26 @@ def register(sub, add_recipe_args) -> None:
     ho.set_defaults(func=_tasks_holdout)
 
 
-def _split_overrides(overrides: list[str], prefix: str) -> tuple[list[str], list[str]]:
-    """(overrides under ``prefix.`` with the prefix removed, the others)."""
-    mine = [o[len(prefix) + 1:] for o in overrides if o.startswith(prefix + ".")]
-    rest = [o for o in overrides if not o.startswith(prefix + ".")]
-    return mine, rest
+SECTIONS = {"finetune": "a fine-tuning setting", "task": "the task recipe",
+            "report": "a report setting"}
+
+
+def sections(overrides: list[str], allowed: tuple[str, ...]) -> dict[str, list[str]]:
+    """``["finetune.epochs=2", "task.split.seed=1"]`` -> {"finetune": ["epochs=2"], "task":
+    ["split.seed=1"]}, for the sections ``allowed``; any other key is refused, naming the
+    dotted forms."""
+    from distill_common.config import ConfigError
+
+    out: dict[str, list[str]] = {name: [] for name in allowed}
+    for item in overrides:
+        head, dot, rest = item.partition(".")
+        if dot and head in out:
+            out[head].append(rest)
+            continue
+        forms = ", ".join(f"{name}.{item} for {SECTIONS[name]}" for name in allowed)
+        raise ConfigError(f"override {item!r}: keys are dotted, as in every `distill` "
+                          f"command: write {forms}")
+    return out
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -82,9 +100,9 @@ def _finetune(args: argparse.Namespace) -> int:
     from finetune.tasks import load_task
     from finetune.train import run_task
 
-    task_over, rest = _split_overrides(args.overrides, "task")
-    cfg = load_config(FinetuneConfig, None, rest)
-    task = load_task(args.task, task_over)
+    over = sections(args.overrides, ("finetune", "task"))
+    cfg = load_config(FinetuneConfig, None, over["finetune"])
+    task = load_task(args.task, over["task"])
     out = Path(args.out) if args.out else \
         Path("runs/finetune") / Path(args.model_dir).name / task.name
     res = run_task(args.model_dir, task, out, cfg)
@@ -141,6 +159,7 @@ def _report(args: argparse.Namespace) -> int:
     from finetune.report import build_report
     from finetune.tasks import TaskError, load_task
 
+    over = sections(args.overrides, ("report", "finetune"))  # before any model is read
     models = {}
     for spec in args.model:
         name, sep, folder = spec.partition("=")
@@ -148,9 +167,7 @@ def _report(args: argparse.Namespace) -> int:
             raise TaskError(f"--model {spec!r}: expected NAME=DIR")
         models[name] = Path(resolve_model_dir(folder))
     teacher = args.teacher or next(iter(models))
-    ft_over, rest = _split_overrides(args.overrides, "finetune")
-    rest = [o[len("report."):] if o.startswith("report.") else o for o in rest]
-    cfg = load_config(ReportConfig, None, rest)
+    cfg = load_config(ReportConfig, None, over["report"])
     by_path = {str(p.resolve()): n for n, p in models.items()}
     results: dict[str, dict] = {n: {} for n in models}
     for res in _find_results(args.results):
@@ -161,7 +178,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.finetune_missing:
         from finetune.train import run_task
 
-        ft_cfg = load_config(FinetuneConfig, None, ft_over)
+        ft_cfg = load_config(FinetuneConfig, None, over["finetune"])
         for task_spec in args.task or ft_cfg.tasks:
             task = load_task(task_spec)
             for name, folder in models.items():

@@ -1,24 +1,20 @@
-"""Reading a task's examples: files or a named corpus -> column mapping -> split ->
-label checks. Everything a user can get wrong fails here, before a model is loaded."""
+"""A task's examples: its source's tables (finetune.sources) -> column mapping ->
+dedupe -> split -> label checks (finetune.labels). Everything a user can get wrong fails
+here, before a model is loaded."""
 
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from distill_common.textnorm import doc_hash
+from finetune.labels import check_labels
+from finetune.sources import Table, read_source
 from finetune.tasks import TaskConfig, TaskError
 
 log = logging.getLogger(__name__)
-
-SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
-                  ".parquet": "parquet"}
-SPLIT_NAMES = ("train", "validation", "test")
-SPLIT_ALIASES = {"validation": ("validation", "valid", "dev", "val"), "test": ("test",),
-                 "train": ("train",)}
 
 
 @dataclass
@@ -36,14 +32,6 @@ class Example:
 
 
 @dataclass
-class Table:
-    """Rows of one split as read from its source, before column mapping."""
-    where: str
-    columns: list[str]
-    rows: list[dict]
-
-
-@dataclass
 class TaskData:
     task: TaskConfig
     train: list[Example]
@@ -53,6 +41,9 @@ class TaskData:
     """Class names or tags in id order; None for regression."""
     notes: dict = field(default_factory=dict)
     """How the data was obtained: source, split origin, dropped duplicates."""
+    unseen: dict = field(default_factory=dict)
+    """Evaluation labels training never saw: the policy (task.unseen_labels) and, per
+    split, each such label's count and the examples it touched."""
 
     def heldout_hashes(self) -> set[str]:
         held = self.validation + (self.test or [])
@@ -61,114 +52,6 @@ class TaskData:
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation),
                 "test": len(self.test) if self.test is not None else 0}
-
-
-# ------------------------------------------------------------------ reading sources
-
-def _resolve(task: TaskConfig, spec: str) -> Path:
-    p = Path(spec).expanduser()
-    candidates = [p] if p.is_absolute() else \
-        ([Path(task.base_dir) / p] if task.base_dir else []) + [Path.cwd() / p]
-    for c in candidates:
-        if c.exists():
-            return c
-    raise TaskError(f"task {task.name}: data {spec!r} not found (looked in "
-                    f"{', '.join(str(c) for c in candidates)})")
-
-
-def _format_of(task: TaskConfig, path: Path) -> str:
-    if task.source.format:
-        return task.source.format
-    if path.is_dir():
-        return "datasets"
-    fmt = SUFFIX_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise TaskError(f"{path}: cannot tell the format from the suffix; set source.format "
-                        f"to csv, tsv, jsonl, parquet or datasets")
-    return fmt
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars/arrays (pandas, parquet) -> Python values."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
-
-
-def _frame_table(df, where: str) -> Table:
-    rows = [{k: _plain(v) for k, v in r.items()} for r in df.to_dict("records")]
-    return Table(where, [str(c) for c in df.columns], rows)
-
-
-def _read_file(path: Path, fmt: str) -> Table:
-    import pandas as pd  # a dependency of `datasets`
-
-    try:
-        if fmt in ("csv", "tsv"):
-            # Everything as strings: labels like "1" or "NA" stay what the file says.
-            df = pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str,
-                             keep_default_na=False)
-        elif fmt == "jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
-        else:
-            df = pd.read_parquet(path)
-    except (ValueError, OSError, pd.errors.ParserError) as err:
-        raise TaskError(f"{path}: cannot read as {fmt}: {err}") from None
-    return _frame_table(df, str(path))
-
-
-def _read_datasets_folder(path: Path) -> dict[str, Table]:
-    """A `save_to_disk` folder: one Dataset (split later) or a DatasetDict."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise TaskError(f"{path}: not a `datasets` save_to_disk folder: {err}") from None
-    if isinstance(loaded, datasets.Dataset):
-        return {"all": Table(str(path), list(loaded.column_names), loaded.to_list())}
-    tables = {}
-    for split, names in SPLIT_ALIASES.items():
-        found = next((n for n in names if n in loaded), None)
-        if found is not None:
-            ds = loaded[found]
-            tables[split] = Table(f"{path}[{found}]", list(ds.column_names), ds.to_list())
-    if "train" not in tables:
-        raise TaskError(f"{path}: DatasetDict without a train split (has "
-                        f"{list(loaded.keys())}); name one `train`")
-    return tables
-
-
-def _read_source(task: TaskConfig) -> dict[str, Table]:
-    """{"all": table} for a source to split, else {"train": ..., "validation": ...}."""
-    src = task.source
-    if src.corpus:
-        from distill_common.corpora import NAMED_CORPORA, iter_documents
-
-        if src.corpus not in NAMED_CORPORA:
-            raise TaskError(f"task {task.name}: unknown corpus {src.corpus!r} in "
-                            f"source.corpus; known: {', '.join(NAMED_CORPORA)}")
-        rows = [{"id": d.id, "text": d.text, "label": d.label}
-                for d in iter_documents(src.corpus)]
-        return {"all": Table(f"corpus {src.corpus}", ["id", "text", "label"], rows)}
-    if src.path:
-        path = _resolve(task, src.path)
-        fmt = _format_of(task, path)
-        if fmt == "datasets":
-            return _read_datasets_folder(path)
-        return {"all": _read_file(path, fmt)}
-    tables = {}
-    for split in SPLIT_NAMES:
-        spec = getattr(src, split)
-        if spec:
-            path = _resolve(task, spec)
-            fmt = _format_of(task, path)
-            if fmt == "datasets":
-                sub = _read_datasets_folder(path)
-                tables[split] = sub.get(split, sub.get("train", sub.get("all")))
-            else:
-                tables[split] = _read_file(path, fmt)
-    return tables
 
 
 # ------------------------------------------------------------------ column mapping
@@ -281,59 +164,10 @@ def _seeded_split(task: TaskConfig, examples: list[Example], fractions: Sequence
     return [[examples[i] for i in sorted(rest)]] + [[examples[i] for i in p] for p in parts]
 
 
-def _label_values(task: TaskConfig, examples: list[Example]) -> list[str]:
-    if task.type == "token_classification":
-        return [tag for ex in examples for tag in ex.label]
-    return [ex.label for ex in examples]
-
-
-def _check_labels(task: TaskConfig, data: TaskData) -> None:
-    if task.type == "regression":
-        return
-    from collections import Counter
-
-    from finetune.metrics import is_span_tag
-
-    seen_in_train = Counter(_label_values(task, data.train))
-    if task.labels is not None:
-        missing = [lab for lab in task.labels if lab not in seen_in_train]
-        if missing:
-            raise TaskError(f"task {task.name}: label(s) {missing} listed in `labels` never "
-                            f"occur in the training split ({len(data.train)} examples); the "
-                            f"classifier could not learn them. Add training examples or "
-                            f"remove them from `labels`.")
-        extra = sorted(set(seen_in_train) - set(task.labels))
-        if extra:
-            raise TaskError(f"task {task.name}: the training split has label(s) {extra} that "
-                            f"are not in `labels` {task.labels}; add them or drop those rows")
-        labels = list(task.labels)
-    else:
-        labels = sorted(seen_in_train)
-    if len(labels) < 2:
-        raise TaskError(f"task {task.name}: the training split has {len(labels)} distinct "
-                        f"label(s) {labels}; a classifier needs at least 2")
-    if task.type == "token_classification" and task.metric == "entity_f1" and \
-            (plain := [lab for lab in labels if not is_span_tag(lab)]):
-        raise TaskError(f"task {task.name}: metric entity_f1 scores BIO spans (O, B-X, I-X), "
-                        f"but the tags include {plain[:5]}; set `metric: token_accuracy` "
-                        f"for word-class tags such as part of speech")
-    known = set(labels)
-    for split in ("validation", "test"):
-        examples = getattr(data, split) or []
-        unseen = Counter(v for v in _label_values(task, examples) if v not in known)
-        if unseen:
-            lab, n = unseen.most_common(1)[0]
-            raise TaskError(f"task {task.name}: unseen label {lab!r} in the {split} split "
-                            f"({n} example(s); all unseen: {sorted(unseen)}): it never occurs "
-                            f"in training, whose labels are {labels}. Add training examples "
-                            f"with it or drop those rows.")
-    data.labels = labels
-
-
 def load_task_data(task: TaskConfig) -> TaskData:
     """Read, map, dedupe, split and check a task's data. Deterministic for a given
     task recipe: the same examples land in the same split on every machine."""
-    tables = _read_source(task)
+    tables = read_source(task)
     notes: dict = {"source": {k: t.where for k, t in tables.items()}}
     if "all" in tables:
         examples = _drop(task, _to_examples(task, tables["all"], "all"), notes, "all")
@@ -359,9 +193,21 @@ def load_task_data(task: TaskConfig) -> TaskData:
         raise TaskError(f"task {task.name}: {len(train)} training and {len(validation)} "
                         f"validation examples; both splits need examples")
     data = TaskData(task, train, validation, test, None, notes)
-    _check_labels(task, data)
+    check_labels(task, data)
+    _after_unseen(task, data)
     log.info("task %s: %s examples (%s)", task.name, data.sizes(), notes["split"])
     return data
+
+
+def _after_unseen(task: TaskConfig, data: TaskData) -> None:
+    for split in ("validation", "test"):
+        if split in data.unseen and not getattr(data, split):
+            raise TaskError(f"task {task.name}: unseen_labels: drop left no {split} example; "
+                            f"use count_as_wrong or add training examples with those labels")
+    touched = {k: v for k, v in data.unseen.items() if k != "policy"}
+    if touched:
+        log.warning("task %s: labels never seen in training (unseen_labels: %s): %s",
+                    task.name, task.unseen_labels, touched)
 
 
 def cap_train_split(data: TaskData, max_examples: int | None, seed: int) -> None:

@@ -20,7 +20,9 @@ class EncodedSplit:
     them), unpadded."""
     targets: list
     """Per example: class id, float target, or per-token tag ids (IGNORE off first
-    sub-words and special tokens)."""
+    sub-words and special tokens). A label training never saw (only in an evaluation
+    split, under unseen_labels: count_as_wrong) is IGNORE too: targets of evaluation
+    splits are never trained on."""
     word_starts: Optional[list[list[int]]] = None
     """Token tasks: for each word, the position of its first sub-word (truncated words
     are absent)."""
@@ -49,7 +51,7 @@ def encode_split(tokenizer, task: TaskConfig, examples: Sequence[Example],
             previous = None
             for pos, word in enumerate(enc.word_ids(i)):
                 if word is not None and word != previous:
-                    tags[pos] = label_id[ex.label[word]]
+                    tags[pos] = label_id.get(ex.label[word], IGNORE)
                     firsts.append(pos)
                 previous = word
             targets.append(tags)
@@ -65,7 +67,7 @@ def encode_split(tokenizer, task: TaskConfig, examples: Sequence[Example],
             targets = [float(ex.label) for ex in examples]
         else:
             label_id = {lab: i for i, lab in enumerate(labels)}
-            targets = [label_id[ex.label] for ex in examples]
+            targets = [label_id.get(ex.label, IGNORE) for ex in examples]
     features = [{k: enc[k][i] for k in keys if k in enc} for i in range(len(examples))]
     return EncodedSplit(features, targets, starts, n_words)
 

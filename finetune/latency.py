@@ -69,15 +69,18 @@ def time_forward(model, vocab_size: int, batch: int, seq_len: int, warmup: int,
 
 
 def measure(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, warmup: int,
-            repeats: int, threads: int, gpu: bool) -> dict:
-    """Parameters, size on disk and latency rows for one model folder."""
+            repeats: int, threads: int, gpu: bool, progress=None) -> dict:
+    """Parameters, size on disk and latency rows for one model folder; ``progress``
+    (distill_common.progress.Progress) moves one unit per latency row."""
+    tick = progress.update if progress is not None else (lambda n=1: None)
     model = load_encoder(model_dir)
     vocab = model.config.vocab_size
     seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) - 2)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cpu = [time_forward(model, vocab, b, seq_len, warmup, repeats, torch.device("cpu"))
+        cpu = [_ticked(tick, time_forward(model, vocab, b, seq_len, warmup, repeats,
+                                          torch.device("cpu")))
                for b in batch_sizes]
     finally:
         torch.set_num_threads(previous)
@@ -91,13 +94,19 @@ def measure(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, warmup: i
         # What a GPU serves: bf16 weights where the card has bf16, else fp16.
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         model.to(device, dtype=dtype)
-        out["gpu"] = [time_forward(model, vocab, b, seq_len, warmup, repeats, device)
+        out["gpu"] = [_ticked(tick, time_forward(model, vocab, b, seq_len, warmup, repeats,
+                                                 device))
                       for b in batch_sizes]
         out["gpu_name"] = torch.cuda.get_device_name(device)
         out["gpu_dtype"] = str(dtype).removeprefix("torch.")
         model.to("cpu")
     del model
     return out
+
+
+def _ticked(tick, row: dict) -> dict:
+    tick(1)
+    return row
 
 
 def latency_at(measured: dict, where: str, batch: int) -> Optional[float]:

@@ -61,8 +61,9 @@ def load_tokenizer(model_dir: Path, task: TaskConfig):
 
 
 def load_model(model_dir: Path, task: TaskConfig, labels: Optional[list[str]]):
-    """The encoder with a fresh task head: works on bare encoders (BertModel, MPNetModel)
-    and on *ForMaskedLM folders (the MLM head is left out)."""
+    """(the encoder with a fresh task head, how its pooler starts: ``pooler_start``).
+    Works on bare encoders (BertModel, MPNetModel) and on *ForMaskedLM folders (the MLM
+    head is left out)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     if task.type == "regression":
@@ -81,7 +82,45 @@ def load_model(model_dir: Path, task: TaskConfig, labels: Optional[list[str]]):
     except (OSError, ValueError, KeyError) as err:
         raise TaskError(f"{model_dir}: cannot load as {auto.__name__}: {err}") from None
     check_loading_info(model_dir, info)
-    return model
+    return model, pooler_start(model, info)
+
+
+def pooler_start(model, info: dict) -> str:
+    """fresh (the task model reads a pooler the folder has no weights for), trained, or
+    none (the task model reads no pooler: token tasks, families without one)."""
+    has_pooler = any(".pooler." in f".{name}." for name, _ in model.named_modules())
+    if not has_pooler:
+        return "none"
+    return "fresh" if any("pooler" in k for k in info.get("missing_keys", [])) else "trained"
+
+
+def pooler_note(model_dir: Path, start: str) -> Optional[str]:
+    """What a fresh pooler means for a comparison, from the student's distill_run.json
+    (``export.fresh_pooler_only_in_student``, ``export.pooler``): only this model starts
+    with a random pooler, or its teacher does too. None when the pooler is not fresh."""
+    if start != "fresh":
+        return None
+    export = export_record(model_dir)
+    if export.get("fresh_pooler_only_in_student"):
+        return (f"{model_dir} starts fine-tuning with a fresh (random) pooler while its "
+                f"teacher starts with its trained one: the comparison starts unequal "
+                f"({export.get('note') or 'the pooler could not be carried over'})")
+    if export.get("teacher_has_pooler") is False:
+        return (f"{model_dir} starts fine-tuning with a fresh (random) pooler, and so does "
+                f"its teacher (it has no trained pooler either): both start alike")
+    return f"{model_dir} has no pooler weights: fine-tuning starts it with a fresh pooler"
+
+
+def export_record(model_dir: Path) -> dict:
+    """The ``export`` entry of a student's distill_run.json (pooler, teacher_has_pooler,
+    fresh_pooler_only_in_student, note...); {} for any other folder."""
+    import json
+
+    record = Path(model_dir) / "distill_run.json"
+    try:
+        return json.loads(record.read_text()).get("export") or {} if record.is_file() else {}
+    except ValueError:
+        return {}
 
 
 HEAD_KEYS = ("classifier", "pooler", "score")

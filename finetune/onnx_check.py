@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class OnnxTaskModel:
-    """An ONNX Runtime session that ``finetune.train.predict`` calls like a model."""
+    """An ONNX Runtime session that ``finetune.predict.predict`` calls like a model."""
 
     training = False
 
@@ -80,7 +80,7 @@ def onnx_task_check(result: dict, task: TaskConfig, onnx_dir: Path, tolerance: f
     from distill_common.distributed import World
     from finetune.encode import encode_split
     from finetune.metrics import task_metrics
-    from finetune.train import gold_of, predict
+    from finetune.predict import gold_of, predict
 
     model_dir = Path(result["saved_model"])
     files = export_task_model(model_dir, task, onnx_dir, int8=int8)

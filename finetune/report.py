@@ -2,7 +2,9 @@
 (parameters, bytes, latency, speed-up), against the teacher.
 
 ``build_report`` measures every model folder the same way (finetune.latency), joins the
-fine-tuning results, and writes report.json, report.md and two PNG plots.
+fine-tuning results, and writes report.json, report.md and PNG plots: score against size
+and latency with each score's 95% interval as error bars (report_plots), and each
+distilled model's training curves (finetune.curves). Sizes are in MiB (2**20 bytes).
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ import torch
 
 from distill_common.fsio import atomic_write_json, atomic_write_text
 from finetune.config import ReportConfig
+from distill_common.progress import Progress
+from finetune.curves import find_run_metrics, plot_curves, read_curves
 from finetune.latency import latency_at, measure
+from finetune.loading import export_record
 from finetune.onnx_report import onnx_section, ort_cells, ort_header
+from finetune.report_notes import distillation_lines, pooler_lines
+from finetune.report_plots import metric_of, write_scatter_plots
 from finetune.tasks import TaskConfig, TaskError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
@@ -31,11 +38,27 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return round(num / den, 3)
 
 
-def _task_entry(result: Mapping) -> dict:
+def _task_entry(result: Mapping, draws: int) -> dict:
     return {"metric": result["metric"], "score": result["score"],
             "std": result.get("score_std", 0.0), "split": result.get("score_split"),
+            "ci95": _score_interval(result, draws),
             "seeds": [r["seed"] for r in result.get("seeds", [])],
-            "mean": result.get("mean", {}), "saved_model": result.get("saved_model")}
+            "mean": result.get("mean", {}), "saved_model": result.get("saved_model"),
+            "pooler": result.get("pooler"), "unseen_labels": result.get("unseen_labels")}
+
+
+def _score_interval(result: Mapping, draws: int) -> Optional[list[float]]:
+    """The score's 95% interval (bootstrap over the examples and seeds), or None."""
+    from finetune.compare import score_interval
+
+    if draws < 1:
+        return None
+    try:
+        return score_interval(dict(result), draws=draws)["ci95"]
+    except (ValueError, KeyError) as err:
+        log.info("report: no interval for %s on %s: %s", result.get("model_dir"),
+                 result.get("task"), err)
+        return None
 
 
 def _gap_to_teacher(student: Optional[Mapping], teacher: Optional[Mapping],
@@ -58,13 +81,16 @@ def _gap_to_teacher(student: Optional[Mapping], teacher: Optional[Mapping],
 
 def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mapping[str, Mapping]],
                  out_dir: "str | Path", teacher: str, cfg: Optional[ReportConfig] = None,
-                 task_configs: Optional[Mapping[str, "TaskConfig"]] = None) -> dict:
+                 task_configs: Optional[Mapping[str, "TaskConfig"]] = None,
+                 pretrain_metrics: Optional[Mapping[str, "str | Path"]] = None) -> dict:
     """Compare ``models`` (name -> HF folder or model asset name) on the tasks in ``results`` (model name ->
     task name -> run_task dict; a missing pair shows as no score). Retention and
     speed-up are relative to ``models[teacher]``. Writes report.json, report.md,
     score_vs_size.png and score_vs_latency.png into ``out_dir``; returns the report.
     ``task_configs``: task name -> TaskConfig for tasks that are not built-in (the ONNX
-    check re-reads their test split)."""
+    check re-reads their test split). ``pretrain_metrics``: model name -> the
+    metrics.jsonl of the run that distilled it (default: found from the folder's
+    distill_run.json, finetune.curves)."""
     cfg = cfg or ReportConfig()
     if teacher not in models:
         raise TaskError(f"report: teacher {teacher!r} is not one of the models "
@@ -83,6 +109,8 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
     tasks = sorted({t for per_model in results.values() for t in per_model})
     rows: dict[str, dict] = {}
     folders: dict[str, Path] = {}
+    progress = Progress("report latency", unit="runs", total=len(models)
+                        * len(cfg.latency_batch_sizes) * (2 if gpu else 1))
     from distill_common.assets import resolve_model_dir
 
     for name, folder in models.items():
@@ -93,11 +121,14 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
                             f"folder (no config.json)")
         log.info("report: measuring %s (%s) at %d CPU thread(s)", name, folder, threads)
         row = measure(folder, cfg.latency_batch_sizes, cfg.latency_seq_len,
-                      cfg.latency_warmup, cfg.latency_repeats, threads, gpu)
+                      cfg.latency_warmup, cfg.latency_repeats, threads, gpu, progress)
         row["path"] = str(folder)
-        row["size_mb"] = round(row["size_bytes"] / 2**20, 2)
-        row["tasks"] = {t: _task_entry(r) for t, r in results.get(name, {}).items()}
+        row["size_mib"] = round(row["size_bytes"] / 2**20, 2)
+        row["export"] = export_record(folder)
+        row["tasks"] = {t: _task_entry(r, cfg.bootstrap_draws)
+                        for t, r in results.get(name, {}).items()}
         rows[name] = row
+    progress.close()
     if cfg.onnx:
         from finetune.onnx_report import add_onnx
 
@@ -125,14 +156,27 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
                           "cpu_threads": threads, "statistic": "median",
                           "gpu": torch.cuda.get_device_name() if gpu else None,
                           "cpu_count": os.cpu_count(), "torch": torch.__version__},
-              "models": rows, "plots": []}
+              "models": rows, "plots": [],
+              "distillation": _curves(folders, pretrain_metrics or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.plots:
-        report["plots"] = write_plots(report, out_dir)
+        report["plots"] = write_scatter_plots(report, out_dir) + [
+            plot_curves(name, c, out_dir) for name, c in report["distillation"].items()]
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", to_markdown(report))
     log.info("report written to %s", out_dir)
     return report
+
+
+def _curves(folders: Mapping[str, Path], given: Mapping[str, "str | Path"]) -> dict:
+    """model name -> its distillation curves, for the models whose run's metrics.jsonl
+    is given or found."""
+    out = {}
+    for name, folder in folders.items():
+        path = Path(given[name]) if name in given else find_run_metrics(folder)
+        if path is not None and path.is_file():
+            out[name] = read_curves(path)
+    return out
 
 
 # ------------------------------------------------------------------ rendering
@@ -152,7 +196,7 @@ def to_markdown(report: dict) -> str:
              f"{lat['cpu_threads']} CPU thread(s)"
              + (f"; GPU: {lat['gpu']} (bf16)" if has_gpu else "; no GPU") + ".", "",
              "## Size and speed", ""]
-    head = ["model", "params (M)", "size (MB)", "compression"] + \
+    head = ["model", "params (M)", "size (MiB)", "compression"] + \
         [f"CPU b{b} (ms)" for b in batches] + [f"CPU seq/s b{batches[-1]}"] + \
         [f"speed-up CPU b{b}" for b in batches] + ort_header(report)
     if has_gpu:
@@ -160,7 +204,7 @@ def to_markdown(report: dict) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in report["models"].items():
         cells = [f"**{name}**" if name == teacher else name,
-                 _fmt(row["parameters"] / 1e6, ".2f"), _fmt(row["size_mb"], ".1f"),
+                 _fmt(row["parameters"] / 1e6, ".2f"), _fmt(row["size_mib"], ".1f"),
                  _fmt(row["compression"], ".2f", "x")]
         cells += [_fmt(latency_at(row, "cpu", b), ".1f") for b in batches]
         cells += [_fmt(row["cpu"][-1]["throughput_seq_per_s"], ".1f")]
@@ -176,7 +220,7 @@ def to_markdown(report: dict) -> str:
     else:
         lines += ["Score: mean over seeds (± population std) of the task metric on the test "
                   "split; retention: % of the teacher's score.", ""]
-        head = ["model"] + [f"{t} ({_metric_of(report, t)})" for t in report["tasks"]] + \
+        head = ["model"] + [f"{t} ({metric_of(report, t)})" for t in report["tasks"]] + \
             [f"{t} retention" for t in report["tasks"]]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, row in report["models"].items():
@@ -203,55 +247,9 @@ def to_markdown(report: dict) -> str:
                 lines.append(f"| {name} | {t} | {100 * g['diff']:+.2f} | "
                              f"[{100 * low:+.2f}, {100 * high:+.2f}] | "
                              f"{100 * g['p_a_ahead']:.0f}% |")
-    lines += onnx_section(report)
-    if report["plots"]:
-        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
+    lines += pooler_lines(report) + distillation_lines(report) + onnx_section(report)
+    scatter = [p for p in report["plots"] if not p.startswith("distillation_")]
+    if scatter:
+        lines += ["", "## Plots", "", "Error bars: each score's 95% interval (bootstrap over "
+                  "the test examples and the seeds).", ""] + [f"![{p}]({p})" for p in scatter]
     return "\n".join(lines) + "\n"
-
-
-def _metric_of(report: dict, task: str) -> str:
-    for row in report["models"].values():
-        if task in row["tasks"]:
-            return row["tasks"][task]["metric"]
-    return "?"
-
-
-def write_plots(report: dict, out_dir: Path) -> list[str]:
-    """score_vs_size.png and score_vs_latency.png: one marker per (model, task)."""
-    if not report["tasks"]:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    batch = report["latency"]["batch_sizes"][0]
-    axes_spec = [("score_vs_size.png", "size on disk (MB)", lambda r: r["size_mb"]),
-                 ("score_vs_latency.png", f"CPU latency, batch {batch} (ms)",
-                  lambda r: latency_at(r, "cpu", batch))]
-    written = []
-    for filename, xlabel, xvalue in axes_spec:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-        for task, marker in zip(report["tasks"], "osD^v<>p*h"):
-            pts = [(xvalue(row), 100 * row["tasks"][task]["score"], name)
-                   for name, row in report["models"].items() if task in row["tasks"]]
-            if not pts:
-                continue
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=60,
-                       label=f"{task} ({_metric_of(report, task)})")
-            for x, y, name in pts:
-                weight = "bold" if name == report["teacher"] else "normal"
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4),
-                            fontsize=8, fontweight=weight)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("score (%)")
-        ax.set_title(f"{'Score vs size' if 'size' in filename else 'Score vs latency'} "
-                     f"(teacher: {report['teacher']})")
-        ax.margins(x=0.2, y=0.2)  # room for the name labels
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / filename)
-        plt.close(fig)
-        written.append(filename)
-    return written

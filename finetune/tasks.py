@@ -7,17 +7,18 @@ A task is a small YAML file (format in configs/tasks/README.md); the built-in on
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from distill_common.config import ConfigError, check, check_choice, load_config
 from distill_common.errors import DistillUserError
+from distill_common.resources import shipped_folder
 from finetune.config import HParams
 
 TASK_TYPES = ("classification", "pair_classification", "regression", "token_classification")
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "datasets")
+UNSEEN_LABELS = ("error", "drop", "count_as_wrong")
 METRICS = {
     "classification": ("accuracy", "macro_f1", "mcc"),
     "pair_classification": ("accuracy", "macro_f1", "mcc"),
@@ -33,13 +34,23 @@ class TaskError(DistillUserError, ValueError):
 
 @dataclass
 class SourceConfig:
-    """Where the examples come from: one named corpus, one file/folder to split, or
-    given split files."""
+    """Where the examples come from: one named corpus, a Hugging Face Hub dataset, one
+    file/folder to split, or given split files."""
 
     corpus: Optional[str] = None
     """A named labelled corpus read with distill_common.corpora (bbc_news,
     wiki_summaries, rotten_tomatoes; oanc_pos for token tasks); columns `id`, `text`,
     `label`."""
+    hub: Optional[str] = None
+    """A Hugging Face Hub dataset id, `org/name` with an optional `@revision`, read with
+    `datasets.load_dataset` through its cache (HF_HOME; offline with HF_DATASETS_OFFLINE=1
+    when cached). Class-id columns (ClassLabel) are read as class names."""
+    config: Optional[str] = None
+    """The Hub dataset's configuration (subset) name, e.g. `sst2` of `nyu-mll/glue`."""
+    splits: Optional[Dict[str, str]] = None
+    """Which split of a Hub dataset or `datasets` folder is train / validation / test,
+    e.g. {train: train, validation: dev}; default: train, validation (or dev, valid,
+    val), test. A split left out is carved from train (validation) or not scored (test)."""
     path: Optional[str] = None
     """One file or `datasets` folder; split below unless it is a DatasetDict with
     validation/test splits."""
@@ -56,6 +67,14 @@ class SourceConfig:
     def __post_init__(self):
         check(not ((self.validation or self.test) and not self.train), "validation",
               "source.validation / source.test need source.train")
+        check(self.config is None or self.hub is not None, "config",
+              "source.config is the configuration of a source.hub dataset; set source.hub")
+        if self.splits is not None:
+            check(set(self.splits) <= {"train", "validation", "test"}, "splits",
+                  f"keys must be train, validation, test; got {sorted(self.splits)}")
+            check(self.hub is not None or self.path is not None, "splits",
+                  "source.splits names the splits of a source.hub dataset or a `datasets` "
+                  "folder (source.path)")
         if self.format is not None:
             check_choice(self.format, "format", FORMATS)
 
@@ -113,6 +132,10 @@ class TaskConfig:
     """Examples with these labels are dropped before splitting (e.g. a catch-all class)."""
     dedupe: bool = True
     """Drop repeated texts (same doc_hash) before splitting, so no text is in two splits."""
+    unseen_labels: str = "error"
+    """A validation/test label (token tasks: tag) that training never saw: error (stop
+    and say so), drop (leave those examples out), count_as_wrong (keep them; the model
+    cannot predict the label, so each counts as an error). Recorded in results.json."""
     train: HParams = field(default_factory=HParams)
     """This task's hyperparameter defaults (the run's finetune section wins)."""
     base_dir: Optional[str] = None
@@ -122,9 +145,10 @@ class TaskConfig:
         check(bool(self.name.strip()) and "/" not in self.name, "name",
               f"must be a non-empty name without '/', got {self.name!r}")
         check_choice(self.type, "type", TASK_TYPES)
-        given = [n for n in ("corpus", "path", "train") if getattr(self.source, n)]
-        check(len(given) == 1, "source", "give exactly one of source.corpus, source.path, "
-              f"source.train (got {given or 'none'})")
+        given = [n for n in ("corpus", "hub", "path", "train") if getattr(self.source, n)]
+        check(len(given) == 1, "source", "give exactly one of source.corpus, source.hub, "
+              f"source.path, source.train (got {given or 'none'})")
+        check_choice(self.unseen_labels, "unseen_labels", UNSEEN_LABELS)
         check(self.type == "pair_classification" or self.columns.text_pair is None,
               "columns.text_pair", f"only pair_classification tasks have a second text "
               f"(type is {self.type})")
@@ -145,10 +169,9 @@ class TaskConfig:
 
 
 def tasks_dir() -> Path:
-    """The shipped task recipes: ``configs/tasks`` (or ``$DISTILL_CONFIGS_DIR/tasks``)."""
-    env = os.environ.get("DISTILL_CONFIGS_DIR")
-    root = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
-    return root / "tasks"
+    """The shipped task recipes: ``configs/tasks`` (distill_common.resources: installed
+    with the package, or the repository's; ``$DISTILL_CONFIGS_DIR/tasks`` overrides)."""
+    return shipped_folder("configs") / "tasks"
 
 
 def builtin_tasks() -> list[str]:

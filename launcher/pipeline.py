@@ -165,13 +165,11 @@ def _stage_finetune(ctx: "_Context") -> dict:
     import json
 
     from distill_common.fsio import atomic_write_json
-    from finetune import run_tasks
+    from finetune import run_models
 
-    results = {}
-    for name, folder in _models(ctx.recipe).items():
-        log.info("finetune: %s (%s) on %s", name, folder, ", ".join(ctx.recipe.finetune.tasks))
-        results[name] = run_tasks(folder, Path(ctx.recipe.finetune.output_dir) / name,
-                                  ctx.recipe.finetune)
+    log.info("finetune: teacher and student on %s", ", ".join(ctx.recipe.finetune.tasks))
+    results = run_models(_models(ctx.recipe), ctx.recipe.finetune.output_dir,
+                         ctx.recipe.finetune)
     path = Path(ctx.recipe.finetune.output_dir) / "results.json"
     atomic_write_json(path, json.loads(json.dumps(results, default=str)))
     return {"results": str(path)}
@@ -184,8 +182,10 @@ def _stage_report(ctx: "_Context") -> dict:
 
     results = json.loads((Path(ctx.recipe.finetune.output_dir) / "results.json").read_text())
     tasks = [load_task(spec) for spec in ctx.recipe.finetune.tasks]
+    curves = Path(ctx.recipe.train.output_dir) / "metrics.jsonl"
     build_report(_models(ctx.recipe), results, ctx.recipe.report.output_dir, "teacher",
-                 ctx.recipe.report, task_configs={t.name: t for t in tasks})
+                 ctx.recipe.report, task_configs={t.name: t for t in tasks},
+                 pretrain_metrics={"student": curves})
     return {"report_md": str(Path(ctx.recipe.report.output_dir) / "report.md"),
             "report_json": str(Path(ctx.recipe.report.output_dir) / "report.json")}
 

@@ -10,7 +10,6 @@ which partition or Ray address, and how to set up the environment on the nodes.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import List, Optional, Sequence, Union
 import yaml
 
 from distill_common.config import ConfigError, check, check_choice, load_config
+from distill_common.resources import shipped_folder
 from launcher.job_env import JobEnvironment
 
 KINDS = ("local", "torchrun", "deepspeed", "slurm", "ray")
@@ -260,9 +260,9 @@ SCHEMAS = {"local": LocalProfile, "torchrun": TorchrunProfile,
 
 
 def cluster_dir() -> Path:
-    """The shipped profiles: the repository's ``cluster/`` (or ``DISTILL_CLUSTER_DIR``)."""
-    env = os.environ.get("DISTILL_CLUSTER_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "cluster"
+    """The shipped profiles and templates (distill_common.resources: installed with the
+    package, or the repository's ``cluster/``; ``DISTILL_CLUSTER_DIR`` overrides)."""
+    return shipped_folder("cluster")
 
 
 def resolve_profile_path(name_or_path: str) -> Path:

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from data_prep.config import PrepConfig
 from distill_common.config import check, load_config, to_dict
+from distill_common.resources import shipped_folder
 from distill_pretrain.config import ObjectiveConfig, PretrainJob, StudentConfig, TeacherConfig
 from distill_pretrain.train_config import TrainConfig
 from finetune.config import FinetuneConfig, ReportConfig
@@ -62,9 +63,9 @@ class Recipe:
 
 
 def configs_dir() -> Path:
-    """The shipped recipes: the repository's ``configs/`` (or ``DISTILL_CONFIGS_DIR``)."""
-    env = os.environ.get("DISTILL_CONFIGS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    """The shipped recipes (distill_common.resources: installed with the package, or the
+    repository's ``configs/``; ``DISTILL_CONFIGS_DIR`` overrides)."""
+    return shipped_folder("configs")
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

@@ -61,3 +61,42 @@ def test_parser_builds_without_heavy_imports():
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert build_parser().prog == "distill"
+
+
+def test_version(capsys):
+    from distill_common import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"distill {__version__}"
+
+
+def test_options_anywhere_on_the_line(capsys, tmp_path):
+    """Options before, between and after the positionals and overrides, global ones too."""
+    rc = main(["config", "show", "-v", "debug", "seed=7", "--all-ranks",
+               f"output_dir={tmp_path}"])
+    assert rc == 0 and "seed: 7" in capsys.readouterr().out
+    parser = build_parser()
+    args = parser.parse_args(["finetune", "MODEL", "--out", "o", "TASK", "finetune.epochs=2",
+                              "-v", "task.split.seed=1"])
+    assert (args.model_dir, args.task, args.out, args.verbose) == ("MODEL", "TASK", "o", True)
+    assert args.overrides == ["finetune.epochs=2", "task.split.seed=1"]
+    args = parser.parse_args(["--all-ranks", "launch", "debug", "--cluster", "local",
+                              "train.max_steps=2", "--dry-run"])
+    assert args.all_ranks and args.dry_run and args.overrides == ["train.max_steps=2"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "MODEL", "TASK", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_finetune_overrides_are_dotted_like_every_command(capsys, tmp_path):
+    """`finetune.<key>=` and `task.<key>=`; the old bare form is refused with the new one."""
+    rc = main(["finetune", "MODEL", "bbc_news", "epochs=2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: override 'epochs=2': keys are dotted")
+    assert "finetune.epochs=2 for a fine-tuning setting" in err
+    assert "task.epochs=2 for the task recipe" in err
+    rc = main(["report", "--model", "a=MODEL", "--out", str(tmp_path), "latency_repeats=2"])
+    assert rc == 2 and "report.latency_repeats=2 for a report setting" in \
+        capsys.readouterr().err

@@ -137,3 +137,79 @@ def test_compare_cli(tmp_path, capsys):
         {"task": "other", "score_split": "test", "metric": "accuracy"}))
     assert main(["compare", str(a), str(tmp_path / "c")]) == 2
     assert "differ in 'task'" in capsys.readouterr().err
+
+
+TAGS = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "I-MISC", "B"]
+
+
+def random_tagging(rng: random.Random, n: int) -> list[list[str]]:
+    """Sentences of random BIO tags, ill-formed ones included (I- without B-, a bare B,
+    type changes inside a chunk): the span rules must agree with seqeval's on all."""
+    return [[rng.choice(TAGS) for _ in range(rng.randint(1, 9))] for _ in range(n)]
+
+
+def corrupt(rng: random.Random, tagging: list[list[str]], p: float) -> list[list[str]]:
+    return [[rng.choice(TAGS) if rng.random() < p else t for t in s] for s in tagging]
+
+
+@pytest.mark.parametrize("metric", ["entity_f1", "token_accuracy"])
+def test_token_statistics_equal_seqeval_on_random_draws(metric):
+    """Per-example sufficient statistics summed over a draw (repeats included) give what
+    seqeval computes on the drawn sentences, for random and degenerate cases."""
+    from finetune.compare import _seed_scorer
+    from finetune.metrics import token_metrics
+
+    rng = random.Random(4)
+    for trial in range(40):
+        n = rng.randint(1, 30)
+        gold = random_tagging(rng, n)
+        runs = [corrupt(rng, gold, rng.choice([0.0, 0.2, 0.8])) for _ in range(2)]
+        if trial % 10 == 0:
+            runs[0] = [["O"] * len(s) for s in gold]  # no predicted entity at all
+        scorer = _seed_scorer("token_classification", metric, gold, runs, None)
+        idx = np.array([rng.randrange(n) for _ in range(n)])
+        want = [token_metrics([gold[i] for i in idx], [run[i] for i in idx])[metric]
+                for run in runs]
+        assert scorer(idx) == pytest.approx(want, abs=1e-12), (trial, gold, runs, idx)
+
+
+def test_token_bootstrap_draws_equal_the_recomputed_ones():
+    """The same draws through the statistics and through seqeval: the same intervals."""
+    from finetune.compare import _resampled_scores, _seed_scorer, recomputing_scorer
+
+    rng = random.Random(5)
+    gold = random_tagging(rng, 60)
+    model_runs = [[corrupt(rng, gold, p) for _ in range(2)] for p in (0.1, 0.3)]
+    for metric in ("entity_f1", "token_accuracy"):
+        fast = [_seed_scorer("token_classification", metric, gold, r, None)
+                for r in model_runs]
+        slow = [recomputing_scorer("token_classification", metric, gold, r)
+                for r in model_runs]
+        a = _resampled_scores(fast, [2, 2], len(gold), 50, seed=3)
+        b = _resampled_scores(slow, [2, 2], len(gold), 50, seed=3)
+        np.testing.assert_allclose(a, b, atol=1e-12)
+    res = paired_bootstrap("token_classification", "entity_f1", gold, *model_runs, draws=300)
+    assert res["diff"] > 0 and res["ci95"][0] < res["diff"] < res["ci95"][1]
+
+
+def test_token_predictions_must_match_the_sentence_lengths():
+    gold = [["B-PER", "O"], ["O"]]
+    with pytest.raises(ValueError, match="predicts 1 tags for the 2 words of example 0"):
+        paired_bootstrap("token_classification", "entity_f1", gold, [gold], [[["O"], ["O"]]])
+
+
+def test_score_interval_of_one_result():
+    from finetune.compare import score_interval
+
+    rng = random.Random(6)
+    gold = random_tagging(rng, 200)
+    result = {"type": "token_classification", "metric": "token_accuracy", "gold": gold,
+              "seeds": [{"predictions": corrupt(rng, gold, 0.3)} for _ in range(3)]}
+    from finetune.metrics import token_metrics
+
+    observed = np.mean([token_metrics(gold, s["predictions"])["token_accuracy"]
+                        for s in result["seeds"]])
+    low, high = score_interval(result, draws=400)["ci95"]
+    assert low < observed < high and high - low < 0.1  # about 1,000 tags
+    with pytest.raises(ValueError, match="no kept predictions"):
+        score_interval({**result, "seeds": [{}]})

@@ -352,7 +352,8 @@ columns: {text: sentence, label: topic}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node", "2", "-m", "distill_cli", "finetune", str(tiny_encoder_dir),
-           str(task), *FAST, "batch_size=8", "epochs=8", "--out", str(tmp_path / "out")]
+           str(task), *(f"finetune.{o}" for o in FAST), "finetune.batch_size=8",
+           "finetune.epochs=8", "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -20,11 +20,11 @@ TAGGED = "7" * 40
 
 
 def populate_hub_cache(hub_cache: Path, repo_id: str, folder: Path, commit: str = COMMIT,
-                       refs: tuple[str, ...] = ("main",)) -> Path:
-    """Put ``folder``'s files into ``hub_cache`` the way huggingface_hub stores a download:
-    content-addressed blobs, a snapshot of relative symlinks, refs naming the commit.
-    Returns the snapshot folder."""
-    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+                       refs: tuple[str, ...] = ("main",), repo_type: str = "model") -> Path:
+    """Put ``folder``'s files into ``hub_cache`` the way huggingface_hub stores a download
+    of a model (or dataset) repository: content-addressed blobs, a snapshot of relative
+    symlinks, refs naming the commit. Returns the snapshot folder."""
+    repo = hub_cache / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         data = path.read_bytes()

@@ -415,3 +415,18 @@ def test_spill_format_round_trip():
     assert read_spill(spill_bytes([])) == []
     with pytest.raises(ValueError):
         read_spill(spill_bytes(texts)[:-5])
+
+
+def test_both_passes_report_progress(tmp_path, corpus, tokenizer_dir, caplog):
+    """Pass 1 (read, normalise, hash) has its own progress line with a rate, as pass 2
+    (tokenize, pack) has: a large corpus is never silent for minutes."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="data_prep")
+    run_prep(prep_cfg(tmp_path / "o", [corpus[0]], progress_every_s=0.001), str(tokenizer_dir))
+    first = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("prep pass 1 (read, normalise, hash): ")]
+    assert first and first[-1].startswith("prep pass 1 (read, normalise, hash): 2/2 inputs")
+    assert "docs/s" in first[-1] and "ETA" in first[-1]
+    assert any(r.getMessage().startswith("prep: ") and "docs/s" in r.getMessage()
+               for r in caplog.records)

@@ -68,7 +68,7 @@ def test_build_report_fields_retention_speedup_and_plots(tmp_path, pair_of_model
     t, s = report["models"]["teacher"], report["models"]["student"]
     assert t["parameters"] > s["parameters"] > 0
     assert t["size_bytes"] > s["size_bytes"] > 0
-    assert t["size_mb"] == pytest.approx(t["size_bytes"] / 2**20, abs=0.01)
+    assert t["size_mib"] == pytest.approx(t["size_bytes"] / 2**20, abs=0.01)
     assert s["compression"] == pytest.approx(t["parameters"] / s["parameters"], rel=1e-3)
     assert [r["batch"] for r in s["cpu"]] == [1, 4] and s["cpu_threads"] == 1
     for row in s["cpu"]:
@@ -150,7 +150,8 @@ def test_report_cli_joins_results_and_finetunes_missing(tmp_path, pair_of_models
                "--model", f"student={pair_of_models['student']}", "--teacher", "teacher",
                "--task", str(tmp_path / "topics.yaml"), "--results", str(tmp_path / "results"),
                "--finetune-missing", "--out", str(tmp_path / "rep"),
-               "latency_batch_sizes=[1]", "latency_repeats=2", "latency_seq_len=8",
+               "report.latency_batch_sizes=[1]", "report.latency_repeats=2",
+               "report.latency_seq_len=8",
                "finetune.epochs=1", "finetune.precision=fp32", "finetune.save_model=none"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -161,3 +162,59 @@ def test_report_cli_joins_results_and_finetunes_missing(tmp_path, pair_of_models
     assert student["tasks"]["topics"]["score"] == ft["score"]
     assert student["tasks"]["topics"]["retention_pct"] == pytest.approx(
         100 * ft["score"] / 0.5, abs=0.01)
+
+
+def test_report_error_bars_curves_and_pooler_start(tmp_path, pair_of_models):
+    """Each score carries its 95% interval (the plots' error bars); a student whose
+    distill_run.json names its run gets the run's curves from metrics.jsonl; a student
+    starting with a fresh pooler against a trained one is said to start unequal."""
+    import shutil
+
+    from finetune.config import ReportConfig
+    from finetune.report import build_report
+    from finetune.report_plots import _points
+
+    run = tmp_path / "runs" / "demo"
+    student = run / "student"
+    shutil.copytree(pair_of_models["student"], student)
+    (student / "distill_run.json").write_text(json.dumps({
+        "recipe": {"train": {"output_dir": "runs/demo/pretrain"}},
+        "export": {"pooler": "fresh", "teacher_has_pooler": True,
+                   "fresh_pooler_only_in_student": True, "note": "random embeddings"}}))
+    (run / "pretrain").mkdir()
+    with open(run / "pretrain" / "metrics.jsonl", "w") as f:
+        for step in range(1, 31):
+            record = {"step": step, "time": 0.0, "train/total": 5.0 / step,
+                      "train/part/qkv_relation_kl": 3.0 / step, "train/part/mlm": 9.0 - step / 10,
+                      "train/lr": 1e-4, "throughput/tokens_per_s": 1000.0}
+            if step % 10 == 0:
+                record.update({"eval/mlm_accuracy": step / 100, "eval/agreement": step / 50})
+            f.write(json.dumps(record) + "\n")
+    models = {"teacher": pair_of_models["teacher"], "student": student}
+    results = {"teacher": {"topics": {**fake_result(models["teacher"], "topics", 0.90),
+                                      "pooler": "trained"}},
+               "student": {"topics": {**fake_result(student, "topics", 0.81),
+                                      "pooler": "fresh"}}}
+    report = build_report(models, results, tmp_path / "rep", "teacher", ReportConfig(**FAST))
+
+    entry = report["models"]["student"]["tasks"]["topics"]
+    low, high = entry["ci95"]
+    assert low < 0.81 < high and high - low > 0.01  # 100 examples: a visible bar
+    points = _points(report, "topics", lambda r: r["size_mib"])
+    assert all(below > 0 and above > 0 for _, _, below, above, _ in points)
+
+    curves = report["distillation"]["student"]
+    assert set(curves["series"]) == {"train/total", "train/part/qkv_relation_kl",
+                                     "train/part/mlm", "eval/mlm_accuracy", "eval/agreement"}
+    assert curves["series"]["eval/agreement"] == [[10, 0.2], [20, 0.4], [30, 0.6]]
+    assert "teacher" not in report["distillation"]
+    out = tmp_path / "rep"
+    assert "distillation_student.png" in report["plots"]
+    assert (out / "distillation_student.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "## Distillation" in md and "| student | 30 | 0.1667 | 0.300 | 0.600 |" in md
+    assert "Fine-tuning starts unequal: student start(s) with a fresh (random) pooler, " \
+           "teacher with a trained one" in md
+    assert "size (MiB)" in md and "(MB)" not in md
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["models"]["student"]["export"]["fresh_pooler_only_in_student"] is True
