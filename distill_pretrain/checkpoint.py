@@ -17,9 +17,10 @@ checkpoint:
    again right after one, e.g. by SIGTERM, reuses it).
 
 Test hook (test-only): ``DISTILL_TEST_PAUSE_SAVE="written:8"`` (or ``renamed:8``) makes
-rank 0 touch ``checkpoints/.paused-written`` and sleep 60 s once the files of step 8 are
-written (before complete.json), or once the folder is renamed (before pruning), so a test
-can kill or signal the run at that instant.
+rank 0 touch ``checkpoints/.paused-written`` and wait (at most 60 s, until the test
+deletes that file) once the files of step 8 are written (before complete.json), or once
+the folder is renamed (before pruning), so a test can kill or signal the run at that
+instant.
 
 Loading verifies every file against ``complete.json`` first (split over the ranks) and
 refuses a folder whose files differ: only what this system wrote is ever unpickled. A
@@ -213,8 +214,11 @@ class Checkpointer:
 
     def _test_pause(self, point: str, step: int) -> None:
         if self.world.is_main and os.environ.get("DISTILL_TEST_PAUSE_SAVE") == f"{point}:{step}":
-            (self.root / f".paused-{point}").touch()
-            time.sleep(60)
+            marker = self.root / f".paused-{point}"
+            marker.touch()
+            deadline = time.monotonic() + 60
+            while marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def _prune(self, newest: Path) -> None:
         older = [p for p in list_checkpoints(self.root) if p.name < newest.name]

@@ -121,8 +121,18 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
+# Under xdist (`make test`: -n 2 --dist loadgroup) a test file stays on one worker, so its
+# module fixtures (a Ray head, a Slurm cluster, a reference run) are built once; the files
+# that start a Ray cluster share one worker, so two never start at the same time.
+_XDIST_GROUPS = {"test_launch_ray.py": "ray", "test_prep_ray.py": "ray"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU-only tests skip with a reason where no GPU is visible; they never fail on CPU."""
+    """Each test's xdist group (above). GPU-only tests skip with a reason where no GPU is
+    visible; they never fail on CPU."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(_XDIST_GROUPS.get(name, name)))
     import torch
 
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu":

@@ -95,8 +95,11 @@ def test_a_signal_around_a_save_loses_nothing(tmp_path, assets, reference, signa
                           keep_last=3, **STEADY)
     proc = _start(_single(recipe), DISTILL_TEST_PAUSE_SAVE=f"{point}:8")
     try:
-        _wait_for(out / "pretrain" / "checkpoints" / f".paused-{point}", proc)
+        marker = out / "pretrain" / "checkpoints" / f".paused-{point}"
+        _wait_for(marker, proc)
         os.killpg(proc.pid, getattr(signal, signal_name))
+        time.sleep(0.5)  # the handler has run before the pause ends
+        marker.unlink()
         code = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
