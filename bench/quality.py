@@ -22,7 +22,7 @@ between variants on validation). Not run in CI (tens of minutes on a 2-core CPU)
         [--tasks bbc_news,wiki_topic,movie_sentiment,oanc_pos] [--holdout-tasks ...]
         [--max-train 0 | --max-train bbc_news=600,movie_sentiment=1000,...]
         [--min-steps 150] [--out runs/quality] [--task-set bbc_news:split.test=0.4]
-        [--draws 2000] [--no-probe] [--variant NAME --set-a KEY=VALUE ...]
+        [--draws 2000] [--no-probe] [--extra-model NAME=DIR] [--variant NAME --set-a K=V]
 
 Fine-tuning results are kept under OUT/finetune and reused while the model's weights, the
 fine-tuning hyperparameters and the task recipe are unchanged.
@@ -82,6 +82,9 @@ def main() -> int:
                          "shards too); written to OUT/tasks/TASK.yaml")
     ap.add_argument("--draws", type=int, default=2000,
                     help="bootstrap draws for the paired (a)-(b) and (a)-(c) intervals")
+    ap.add_argument("--extra-model", dest="extra_models", action="append", default=[],
+                    help="NAME=DIR: another encoder folder fine-tuned (and probed) beside "
+                         "the teacher and (a)-(c), e.g. a control")
     ap.add_argument("--no-probe", dest="probe", action="store_false",
                     help="skip the frozen-feature probe")
     ap.add_argument("--variant", default="",
@@ -143,7 +146,8 @@ def main() -> int:
     from finetune.config import FinetuneConfig, ReportConfig
     models = {"teacher": str(resolve_model_dir(recipe_a.teacher.path)),
               "a_distilled": recipe_a.train.export_dir, "b_teacher_layers": str(b_dir),
-              "c_mlm_only": str(out / "c" / "student")}
+              "c_mlm_only": str(out / "c" / "student"),
+              **dict(item.split("=", 1) for item in args.extra_models)}
     ft_cfg = FinetuneConfig(tasks=[files[t] for t in tasks], seeds=seeds,
                             save_model="none",
                             max_train_examples=args.max_train or None,
