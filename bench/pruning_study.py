@@ -48,6 +48,7 @@ from pruning_table import markdown_table, targets
 
 ROOT = quality.ROOT
 S_OVERRIDES = ["student.init=random", "student.embedding_init=svd",
+               "student.layer_selection=null", "student.prune_depth=null",
                "objective.hidden_cosine=null", "train.lr=5.0e-4"]
 """(s): SVD embeddings + random layers; the objective without the term only a pruned
 student can take; the project's from-scratch learning rate (the pruned recipe's lower
