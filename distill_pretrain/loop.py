@@ -83,6 +83,9 @@ class StopSignal:
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, lambda *_: _STOP.set())
+            # A process started from a thread that blocks SIGTERM (Ray's worker threads do)
+            # inherits the block, and the signal would stay pending forever.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
     @staticmethod
     def is_set() -> bool:

@@ -32,8 +32,10 @@ def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict
 
 
 def is_span_tag(tag: str) -> bool:
-    """``O`` or a span tag with a scheme prefix (``B-PER``, ``I-NP``, also E-/S-/L-/U-)."""
-    return tag == "O" or (len(tag) > 2 and tag[0] in "BIESLU" and tag[1] == "-")
+    """``O`` or a span tag: a scheme prefix with a type (``B-PER``, ``I-NP``, also E-/S-/
+    L-/U-) or without one (a bare ``B``, which seqeval reads as an untyped span)."""
+    return tag == "O" or (tag[:1] in ("B", "I", "E", "S", "L", "U")
+                          and (len(tag) == 1 or (len(tag) > 2 and tag[1] == "-")))
 
 
 def token_metrics(tags_true: Sequence[Sequence[str]], tags_pred: Sequence[Sequence[str]]

@@ -8,8 +8,11 @@ agreed through Ray Train's process group store), for two reasons:
 
 * a SIGTERM must save a checkpoint. Ray runs the training function in a thread of the
   worker, where no signal handler can be installed, and Ray's own handler ends the
-  worker at once. The child's main thread has the handler; and when the worker dies
-  first, the child's lifeline (distill_common.lifeline) gives it the SIGTERM.
+  worker at once, and Ray then SIGKILLs the worker's child processes. The child's main
+  thread has the handler. In the worker, this module replaces Ray's handler when it is
+  imported (Ray imports it on the worker's main thread to unpickle the training
+  function): a SIGTERM is passed on to the rank, which saves and exits, and only then
+  does the training function end (with an error, so that Ray Train retries).
 * a failed or stopped rank is retried: ``--max-failures`` (Ray Train's FailureConfig)
   restarts the workers, and the new children resume from the newest checkpoint
   (``train.resume=auto``), so a retry costs the steps since the last save at most.
@@ -22,12 +25,32 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 log = logging.getLogger(__name__)
 _RENDEZVOUS_KEY = "distill/rank0_address"
+_RANKS: set[subprocess.Popen] = set()
+"""Rank processes this worker runs (one at a time)."""
+
+
+def _pass_sigterm_to_the_rank(previous):
+    def handler(signum, frame):
+        running = [p for p in _RANKS if p.poll() is None]
+        if not running:  # nothing to save: Ray's own handling (the worker exits)
+            if callable(previous):
+                previous(signum, frame)
+            return
+        for rank in running:
+            rank.send_signal(signal.SIGTERM)  # it saves a checkpoint, then exits
+    return handler
+
+
+if threading.current_thread() is threading.main_thread() and "ray" in sys.modules:
+    signal.signal(signal.SIGTERM, _pass_sigterm_to_the_rank(signal.getsignal(signal.SIGTERM)))
 
 
 def _rendezvous() -> str:
@@ -72,12 +95,15 @@ def _pretrain_rank(config: dict) -> None:
     rank = env["RANK"]
     proc = subprocess.Popen([sys.executable, "-m", "distill_cli", "pretrain", config["recipe"],
                              *config["overrides"]], env=env, preexec_fn=die_with_parent)
+    _RANKS.add(proc)
     try:
         code = proc.wait()
     except BaseException:  # the worker is being torn down: give the rank time to save
         proc.terminate()
         proc.wait(timeout=120)
         raise
+    finally:
+        _RANKS.discard(proc)
     if code == 143:
         raise RuntimeError(f"rank {rank} was stopped by SIGTERM after saving a checkpoint; "
                            f"a retry resumes from it")
@@ -109,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     resources = {"CPU": args.cpus_per_worker}
     if args.gpus_per_worker:
         resources["GPU"] = args.gpus_per_worker
+    # The function by reference (this module, imported, not `__main__`): each worker then
+    # imports the module, on its main thread, which installs the SIGTERM pass-through.
+    from launcher.ray_train import _pretrain_rank as worker_body
+
     trainer = TorchTrainer(
-        _pretrain_rank,
+        worker_body,
         train_loop_config={"recipe": args.recipe, "overrides": list(args.overrides)},
         scaling_config=ScalingConfig(num_workers=args.num_workers,
                                      use_gpu=args.gpus_per_worker > 0,

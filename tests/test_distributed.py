@@ -125,7 +125,8 @@ try:
     out["shared"] = "ok"
 except D.DistributedUserError as err:
     out["shared"] = str(err)
-print("RESULT " + json.dumps(out), flush=True)
+with open(f"{sys.argv[3]}/rank-{world.rank}.json", "w") as f:  # not stdout: lines interleave
+    json.dump(out, f)
 D.shutdown()
 '''
 
@@ -133,15 +134,15 @@ D.shutdown()
 def _torchrun(tmp_path: Path, *args: str, nproc: int = 2, **env) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
+    results = tmp_path / "results"
+    results.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         str(nproc), str(script), *args], cwd=REPO, capture_output=True, text=True,
-        timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                          **env})
+         str(nproc), str(script), *args, str(results)], cwd=REPO, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO),
+                                     "OMP_NUM_THREADS": "1", **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines()
-               if line.startswith("RESULT ")]
-    return sorted(results, key=lambda r: r["rank"])
+    return [json.loads((results / f"rank-{r}.json").read_text()) for r in range(nproc)]
 
 
 def test_two_ranks_reduce_gather_broadcast_and_check_the_shared_folder(tmp_path):
@@ -167,3 +168,16 @@ def test_forced_collectives_run_in_a_world_of_one(tmp_path):
                       DISTILL_FORCE_COLLECTIVES="1")
     assert ranks[0]["size"] == 1 and ranks[0]["sum"] == [1.0, 2.0]
     assert ranks[0]["shared"] == "ok"
+
+
+def test_the_gpu_check_script_plans_every_step():
+    """bench/gpu_check.sh is the one command for a lent GPU; its dry run shows the steps
+    (install the carried wheels, the gpu tests, the throughput and loader benchmarks)."""
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("+ ")]
+    assert "--no-index" in steps[0] and ".whl" in steps[0]
+    assert any("-m gpu tests/test_gpu.py" in s for s in steps)
+    assert any("train_throughput.py --device cuda --shape real" in s for s in steps)
+    assert any("loader_throughput.py" in s for s in steps)

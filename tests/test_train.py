@@ -122,6 +122,15 @@ def test_zero2_two_ranks_lowers_the_loss(zero2_run):
     assert len(curve(zero2_run, "train/part/logit_kl")) == 16
     ckpts = sorted(p.name for p in (zero2_run / "pretrain" / "checkpoints").glob("step-*"))
     assert ckpts == ["step-00000012", "step-00000016"]  # keep_last=2 of 4, 8, 12, 16
+    # Each rank draws its own dropout (and any other randomness) from a stream of its own:
+    # the saved generator states differ between the ranks (their reproducibility across a
+    # kill is the resume test's equal curves, with dropout on).
+    import torch
+
+    ckpt = zero2_run / "pretrain" / "checkpoints" / "step-00000016"
+    states = [torch.load(ckpt / f"rank-0000{r}.pt", weights_only=True)["rng"]["torch"]
+              for r in (0, 1)]
+    assert not torch.equal(states[0], states[1])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(zero2_run / "pretrain" / "tensorboard"))
