@@ -5,20 +5,24 @@
       pruned out of the teacher for a pruned recipe), not distilled;
   (c) the same student randomly initialised and trained with MLM only, same steps/data.
 
-Each is fine-tuned on bbc_news and wiki_topic with several seeds (plus the teacher), and
-the report gives mean +- std, retention of the teacher's score and the (a)-(b), (a)-(c)
+Each is fine-tuned on every task (default: bbc_news, wiki_topic, movie_sentiment,
+oanc_pos) with several seeds (plus the teacher), and the report gives mean +- std, retention of the teacher's score and the (a)-(b), (a)-(c)
 margins, each with a 95% interval from a paired bootstrap over the test examples and the
 seeds (finetune.compare): a margin whose interval holds zero is not shown by this test
-set. A frozen-feature probe (logistic regression on mean-pooled last hidden states,
-the same training examples, its C picked on validation) measures what each encoder
-carries before fine-tuning moves it. All share one set of shards with both tasks'
-evaluation documents held out. Prints one JSON line. Not run in CI (tens of minutes on a
-2-core CPU).
+set. A frozen-feature probe (bench/probe.py: logistic regression on the frozen last hidden
+states, mean-pooled for a sentence task, per word for a token task, the same training
+examples, its C picked on validation) measures what each encoder carries before
+fine-tuning moves it. All share one set of shards with the evaluation documents of every
+task of --holdout-tasks held out (default: those of --tasks), so that a run on a subset
+of the tasks shares its shards, students and kept fine-tunings with the full run. Prints
+one JSON line, with each model's validation scores beside the test scores (choose
+between variants on validation). Not run in CI (tens of minutes on a 2-core CPU).
 
     python bench/quality.py [--recipe demo] [--steps 400] [--seeds 0,1,2]
-        [--tasks bbc_news,wiki_topic] [--max-train 0] [--min-steps 150] [--out runs/quality]
-        [--task-set bbc_news:split.test=0.4] [--draws 2000]
-        [--variant NAME --set-a KEY=VALUE ...]
+        [--tasks bbc_news,wiki_topic,movie_sentiment,oanc_pos] [--holdout-tasks ...]
+        [--max-train 0 | --max-train bbc_news=600,movie_sentiment=1000,...]
+        [--min-steps 150] [--out runs/quality] [--task-set bbc_news:split.test=0.4]
+        [--draws 2000] [--no-probe] [--extra-model NAME=DIR] [--variant NAME --set-a K=V]
 
 Fine-tuning results are kept under OUT/finetune and reused while the model's weights, the
 fine-tuning hyperparameters and the task recipe are unchanged.
@@ -55,9 +59,14 @@ def main() -> int:
     ap.add_argument("--recipe", default="demo")
     ap.add_argument("--steps", type=int, default=None, help="train.max_steps (a) and (c)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--tasks", default="bbc_news,wiki_topic")
+    ap.add_argument("--tasks", default="bbc_news,wiki_topic,movie_sentiment,oanc_pos")
+    ap.add_argument("--holdout-tasks", default="",
+                    help="tasks whose validation and test texts the shards hold out "
+                         "(default: --tasks); give the full list when --tasks is a subset, "
+                         "so that the subset run shares the full run's shards")
     ap.add_argument("--max-train", type=int, default=0,
-                    help="cap fine-tuning examples per task (0 = all)")
+                    help="cap fine-tuning examples of every task (0 = all; per task: "
+                         "--task-set TASK:train.max_train_examples=N)")
     ap.add_argument("--min-steps", type=int, default=150,
                     help="fine-tune for at least this many steps (more epochs on a capped "
                          "training split; 0 = each task's own epochs)")
@@ -73,6 +82,11 @@ def main() -> int:
                          "shards too); written to OUT/tasks/TASK.yaml")
     ap.add_argument("--draws", type=int, default=2000,
                     help="bootstrap draws for the paired (a)-(b) and (a)-(c) intervals")
+    ap.add_argument("--extra-model", dest="extra_models", action="append", default=[],
+                    help="NAME=DIR: another encoder folder fine-tuned (and probed) beside "
+                         "the teacher and (a)-(c), e.g. a control")
+    ap.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="skip the frozen-feature probe")
     ap.add_argument("--variant", default="",
                     help="name of an (a) variant: it is trained into OUT/a-NAME and "
                          "fine-tuned into OUT/finetune/a_distilled-NAME, while the teacher, "
@@ -86,16 +100,16 @@ def main() -> int:
     out = (ROOT / args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks = [t for t in args.tasks.split(",") if t]
-    task_files = _task_files(tasks, args.task_set, out / "tasks")
-    task_list = "[" + ",".join(task_files[t] for t in tasks) + "]"
-    seed_list = "[" + ",".join(map(str, seeds)) + "]"
-    common = [f"finetune.tasks={task_list}", f"finetune.seeds={seed_list}", *args.extra]
+    held = [t for t in args.holdout_tasks.split(",") if t] or tasks
+    files = task_files(sorted(set(tasks) | set(held)), args.task_set, out / "tasks")
+    common = [*finetune_overrides([files[t] for t in tasks], seeds),
+              holdout_override([files[t] for t in held], out), *args.extra]
     if args.steps:
         common.append(f"train.max_steps={args.steps}")
     shards = out / "shards"
     timings = {}
 
-    # (a) distilled: prep (holding out both tasks' evaluation text) + pretrain + export.
+    # (a) distilled: prep (holding out the tasks' evaluation text) + pretrain + export.
     t0 = time.perf_counter()
     suffix = f"-{args.variant}" if args.variant else ""
     a_overrides = [f"output_dir={out}/a{suffix}", f"prep.output_dir={shards}", *common,
@@ -109,8 +123,9 @@ def main() -> int:
     recipe_a = load_recipe(args.recipe, a_overrides)
 
     # (b) no distillation: the student as pretraining would start it (`distill init`:
-    # teacher layers, or pruned on the shared shards for a pruned recipe), from the shared
-    # recipe (--set-a does not reach it).
+    # teacher layers, or pruned on the shared shards for a pruned recipe, with the
+    # teacher's pooler as the export carries it), from the shared recipe (--set-a does not
+    # reach it).
     b_dir = out / "b" / "student"
     if not (b_dir / "config.json").is_file():
         distill_cli("init", args.recipe, str(b_dir), f"output_dir={out}/b",
@@ -120,10 +135,7 @@ def main() -> int:
     t0 = time.perf_counter()
     c_overrides = [f"output_dir={out}/c", f"prep.output_dir={shards}", *common,
                    "student.init=random", "student.embedding_init=random",
-                   "objective.qkv_relation_kl=null", "objective.hidden_cosine=null",
-                   "objective.hidden_mse=null", "objective.attention_kl=null",
-                   "objective.value_relation_kl=null", "objective.logit_kl=null",
-                   "objective.attention_score_mse=null", "objective.embedding_mse=null",
+                   *[f"objective.{name}=null" for name in REPRESENTATION_OBJECTIVES],
                    "objective.mlm.weight=1.0"]
     distill_cli("run", args.recipe, *c_overrides, "--stages", "prep,pretrain,export",
                 "--cluster", args.cluster)
@@ -131,12 +143,12 @@ def main() -> int:
 
     # Fine-tune everything on every task with every seed.
     from finetune import build_report
-    from finetune.compare import compare_results
     from finetune.config import FinetuneConfig, ReportConfig
     models = {"teacher": str(resolve_model_dir(recipe_a.teacher.path)),
               "a_distilled": recipe_a.train.export_dir, "b_teacher_layers": str(b_dir),
-              "c_mlm_only": str(out / "c" / "student")}
-    ft_cfg = FinetuneConfig(tasks=[task_files[t] for t in tasks], seeds=seeds,
+              "c_mlm_only": str(out / "c" / "student"),
+              **dict(item.split("=", 1) for item in args.extra_models)}
+    ft_cfg = FinetuneConfig(tasks=[files[t] for t in tasks], seeds=seeds,
                             save_model="none",
                             max_train_examples=args.max_train or None,
                             min_steps=args.min_steps or None)
@@ -145,15 +157,17 @@ def main() -> int:
     for task in tasks:  # task-major: a task's comparison is complete before the next
         for name, folder in models.items():
             where = out / "finetune" / (name + suffix if name == "a_distilled" else name)
-            res = _finetuned(folder, task_files[task], where / task, ft_cfg, log)
+            res = finetuned(folder, files[task], where / task, ft_cfg, log)
             results.setdefault(name, {})[task] = res
             log.info("%s on %s: %.4f +- %.4f", name, task, res["score"], res["score_std"] or 0)
     timings["finetune_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    probe = {}
-    for task in tasks:
-        task_data = _probe_data(task_files[task], ft_cfg)  # read once, probed by every model
-        probe[task] = {name: _probe(folder, task_data, log) for name, folder in models.items()}
+    probes = {}
+    if args.probe:
+        from probe import probe, probe_data
+        for task in tasks:
+            task_data = probe_data(files[task], ft_cfg)  # read once, probed by every model
+            probes[task] = {name: probe(folder, task_data) for name, folder in models.items()}
     timings["probe_s"] = round(time.perf_counter() - t0, 1)
     report = build_report(models, results, out / "report", "teacher",
                           ReportConfig(latency_repeats=10))
@@ -163,28 +177,8 @@ def main() -> int:
                "student": f"{recipe_a.student.num_layers} layers",
                "pretrain_steps": recipe_a.train.max_steps, "seeds": seeds,
                "finetune": {"max_train": args.max_train, "min_steps": args.min_steps},
-               "tasks": {}}
-    for task in tasks:
-        row = {}
-        for name in models:
-            r = results[name][task]
-            row[name] = {"mean": round(r["score"], 4),
-                         "std": round(r["score_std"] or 0.0, 4),
-                         "per_seed": [round(x, 4) for x in _per_seed(r)]}
-        teacher_score = row["teacher"]["mean"]
-        for name in models:
-            row[name]["retention_pct"] = round(100 * row[name]["mean"] / teacher_score, 2)
-        row["a_minus_b"] = round(row["a_distilled"]["mean"] - row["b_teacher_layers"]["mean"], 4)
-        row["a_minus_c"] = round(row["a_distilled"]["mean"] - row["c_mlm_only"]["mean"], 4)
-        # Paired bootstrap over test examples and seeds: is the margin more than noise?
-        for other, key in (("b_teacher_layers", "a_vs_b"), ("c_mlm_only", "a_vs_c")):
-            row[key] = compare_results(results["a_distilled"][task], results[other][task],
-                                       draws=args.draws)
-        row["test_examples"] = results["teacher"][task]["sizes"].get("test")
-        row["probe"] = probe[task]
-        row["probe_a_minus_b"] = round(probe[task]["a_distilled"]["test"]
-                                       - probe[task]["b_teacher_layers"]["test"], 4)
-        summary["tasks"][task] = row
+               "tasks": {task: _task_row(task, results, probes.get(task), args.draws)
+                         for task in tasks}}
     summary["distilled_beats_both"] = all(
         r["a_minus_b"] > 0 and r["a_minus_c"] > 0 for r in summary["tasks"].values())
     summary["distilled_beats_both_ci95"] = {  # the whole 95% interval above zero
@@ -201,7 +195,62 @@ def main() -> int:
     return 0
 
 
-def _task_files(tasks: list[str], task_set: list[str], folder: Path) -> dict[str, str]:
+REPRESENTATION_OBJECTIVES = ("qkv_relation_kl", "hidden_cosine", "hidden_mse", "attention_kl",
+                             "value_relation_kl", "logit_kl", "attention_score_mse",
+                             "embedding_mse")
+
+
+def _task_row(task: str, results: dict, probes: dict | None, draws: int) -> dict:
+    """One task's line of the summary: every model's test mean, std, per-seed scores,
+    validation mean (what to choose variants on) and retention; the (a)-(b) and (a)-(c)
+    margins with their paired-bootstrap intervals; the probe."""
+    from finetune.compare import compare_results
+
+    row = {name: model_scores(per_task[task]) for name, per_task in results.items()}
+    teacher_score = row["teacher"]["mean"]
+    for name in results:
+        row[name]["retention_pct"] = round(100 * row[name]["mean"] / teacher_score, 2)
+    row["a_minus_b"] = round(row["a_distilled"]["mean"] - row["b_teacher_layers"]["mean"], 4)
+    row["a_minus_c"] = round(row["a_distilled"]["mean"] - row["c_mlm_only"]["mean"], 4)
+    # Paired bootstrap over test examples and seeds: is the margin more than noise?
+    for other, key in (("b_teacher_layers", "a_vs_b"), ("c_mlm_only", "a_vs_c")):
+        row[key] = compare_results(results["a_distilled"][task], results[other][task],
+                                   draws=draws)
+    row["test_examples"] = results["teacher"][task]["sizes"].get("test")
+    if probes:
+        row["probe"] = probes
+        row["probe_a_minus_b"] = round(probes["a_distilled"]["test"]
+                                       - probes["b_teacher_layers"]["test"], 4)
+    return row
+
+
+def model_scores(result: dict) -> dict:
+    """A fine-tuning result in a summary: test mean, std and per-seed scores, and the mean
+    of each seed's best validation score."""
+    validation = [float(rec["validation"][result["metric"]]) for rec in result["seeds"]]
+    return {"mean": round(result["score"], 4), "std": round(result["score_std"] or 0.0, 4),
+            "per_seed": [round(x, 4) for x in per_seed(result)],
+            "validation_mean": round(statistics.fmean(validation), 4)}
+
+
+def finetune_overrides(task_paths: list[str], seeds: list[int]) -> list[str]:
+    """The recipe overrides that name the fine-tuning tasks and seeds."""
+    return ["finetune.tasks=[" + ",".join(task_paths) + "]",
+            "finetune.seeds=[" + ",".join(map(str, seeds)) + "]"]
+
+
+def holdout_override(task_paths: list[str], out: Path) -> str:
+    """prep.holdout=OUT/holdout.txt: the validation and test texts of these tasks, kept
+    out of the shards (written atomically; the same tasks give the same file, so the
+    prep stage's fingerprint, which hashes it, holds across runs)."""
+    from finetune.holdout import write_holdout_file
+
+    path = out / "holdout.txt"
+    write_holdout_file(task_paths, path)
+    return f"prep.holdout={path}"
+
+
+def task_files(tasks: list[str], task_set: list[str], folder: Path) -> dict[str, str]:
     """Each task's recipe: its name (a built-in) or path, or, when --task-set changes it,
     OUT/tasks/TASK.yaml with the changes applied (written atomically)."""
     from distill_common.config import to_yaml
@@ -230,7 +279,7 @@ def _task_files(tasks: list[str], task_set: list[str], folder: Path) -> dict[str
     return files
 
 
-def _fingerprint(model_dir: str, hparams: dict, task: dict) -> dict:
+def fingerprint(model_dir: str, hparams: dict, task: dict) -> dict:
     """What a kept fine-tuning result depends on: the weights (a SHA-256 of each weights
     file, so a copied or rebuilt-identical folder still matches), the hyperparameters
     and the task recipe (its split decides the test examples)."""
@@ -248,9 +297,9 @@ def _fingerprint(model_dir: str, hparams: dict, task: dict) -> dict:
     return {"hparams": hparams, "task": task, "weights": weights}
 
 
-def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
+def finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
     """run_task, or its kept result when the weights, hyperparameters and task recipe are
-    the same (``_fingerprint``)."""
+    the same (``fingerprint``)."""
     import dataclasses
 
     from distill_common.fsio import atomic_write_text
@@ -260,7 +309,7 @@ def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
 
     task_cfg = load_task(task)
     hparams = dataclasses.asdict(resolve_hparams(task_cfg, cfg))
-    want = _fingerprint(model_dir, hparams, dataclasses.asdict(task_cfg))
+    want = fingerprint(model_dir, hparams, dataclasses.asdict(task_cfg))
     done, stamp = out / "results.json", out / "fingerprint.json"
     if done.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         log.info("%s on %s: kept from %s", model_dir, task, done)
@@ -270,69 +319,7 @@ def _finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:
     return res
 
 
-def _probe_data(task_name: str, cfg):
-    """(task data with the training subset the fine-tuning used, its hyperparameters)."""
-    from finetune.data import cap_train_split, load_task_data
-    from finetune.tasks import load_task
-    from finetune.train import resolve_hparams
-
-    task = load_task(task_name)
-    hp = resolve_hparams(task, cfg)
-    data = load_task_data(task)
-    cap_train_split(data, hp.max_train_examples, task.split.seed)
-    return data, hp
-
-
-def _probe(model_dir: str, task_data, log) -> dict:
-    """Frozen-feature probe: mean-pooled last hidden states of the training subset the
-    fine-tuning used, standardised, multinomial logistic regression; C picked on the
-    validation split; the task metric on test (validation when there is none)."""
-    import numpy as np
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from finetune.loading import load_encoder, load_tokenizer
-    from finetune.metrics import classification_metrics
-
-    data, hp = task_data
-    task = data.task
-    tokenizer = load_tokenizer(Path(model_dir), task)
-    encoder = load_encoder(Path(model_dir))
-
-    def features(examples) -> np.ndarray:
-        rows = []
-        for start in range(0, len(examples), 64):
-            batch = tokenizer([ex.text for ex in examples[start:start + 64]], truncation=True,
-                              max_length=hp.max_length, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                hidden = encoder(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            rows.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
-        return np.concatenate(rows)
-
-    x_train = features(data.train)
-    scaler = StandardScaler().fit(x_train)
-    x_train = scaler.transform(x_train)
-    x_val = scaler.transform(features(data.validation))
-    y_train = [ex.label for ex in data.train]
-    best = None
-    for c in (0.01, 0.03, 0.1, 0.3, 1.0):
-        clf = LogisticRegression(C=c, max_iter=3000).fit(x_train, y_train)
-        val = classification_metrics([ex.label for ex in data.validation],
-                                     clf.predict(x_val))[task.metric]
-        if best is None or val > best[0]:
-            best = (val, c, clf)
-    val, c, clf = best
-    held = data.test if data.test is not None else data.validation
-    test = classification_metrics([ex.label for ex in held],
-                                  clf.predict(scaler.transform(features(held))))[task.metric]
-    log.info("probe %s on %s: C=%g, validation %.4f, test %.4f", model_dir, task.name, c,
-             val, test)
-    return {"C": c, "validation": round(float(val), 4), "test": round(float(test), 4)}
-
-
-def _per_seed(result: dict) -> list[float]:
+def per_seed(result: dict) -> list[float]:
     """The task metric of each seed's run, on the split the score is reported on."""
     split, metric = result["score_split"], result["metric"]
     return [float(rec[split][metric]) for rec in result["seeds"]]

@@ -4,6 +4,12 @@
 it was initialised and what it kept of the teacher (layer map, heads, hidden channels,
 FFN neurons, importance scores). It can be inspected, fine-tuned as a baseline (the
 quality benchmark's undistilled students), or distilled further.
+
+It carries the teacher's pooler exactly as `distill export` would (export_heads: copied,
+SVD-projected or cut to the kept channels), so that the undistilled baseline and the
+distilled student start fine-tuning alike: without it the baseline's sequence classifier
+reads a random pooler and the distilled one the teacher's trained pooler, and a
+comparison of the two measures the pooler as much as the distillation.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ def write_initial_student(job, out_dir: str | Path) -> Path:
     teacher = load_teacher(job.teacher)
     student, record = initialise_student(job.student, teacher, seed=job.seed,
                                          calibration=calibration)
+    record["pooler"] = _attach_teacher_pooler(student, teacher, record)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
@@ -68,3 +75,31 @@ def write_initial_student(job, out_dir: str | Path) -> Path:
         atomic_write_json(tmp / "init.json", init_record(job, teacher, student, record))
     log.info("initial student (%s) -> %s", record["init"], out_dir)
     return out_dir
+
+
+def _attach_teacher_pooler(student, teacher, record: dict) -> dict:
+    """Give the masked-LM ``student`` the pooler its export would carry (export_heads's
+    plan); returns the plan's record for init.json (``pooler``: teacher, teacher_svd,
+    teacher_pruned, fresh or none, and why)."""
+    from dataclasses import replace
+
+    from distill_pretrain.architectures import dims
+    from distill_pretrain.export_heads import (export_model, plan_heads, read_teacher_parts,
+                                               student_pooler)
+    from distill_pretrain.prune import TEACHER_CHANNELS_KEY
+
+    arch = teacher.arch
+    # The SVD basis is recomputed from the embeddings in the dtype the student was built
+    # from, as the export does.
+    dtype = teacher.base.get_submodule(arch.embeddings).get_submodule(
+        arch.word_embeddings).weight.dtype
+    parts = read_teacher_parts(teacher.path, dtype)
+    plan = plan_heads({}, record, arch, parts)
+    pooler = student_pooler(plan, parts, dims(student.config, arch)[1],
+                            getattr(student.config, TEACHER_CHANNELS_KEY, None))
+    if pooler is not None:
+        # A plan that keeps the masked-LM class: the folder stays the student as
+        # pretraining starts it, MLM head included, with the pooler beside it.
+        export_model(student, arch, replace(plan, mlm_head="teacher"), pooler)
+    log.info("initial student: pooler %s (%s)", plan.pooler, plan.note)
+    return {"pooler": plan.pooler, "note": plan.note}

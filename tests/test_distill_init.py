@@ -199,3 +199,47 @@ def test_shipped_pruned_recipes_fit_their_teachers(name, shape, student, tmp_pat
     assert (d["num_layers"], d["hidden_size"], d["num_heads"], d["intermediate_size"]) == \
         student
     assert recipe.student.init == "pruned" and recipe.objective.hidden_cosine is not None
+
+
+def test_distill_init_carries_the_teacher_pooler_as_the_export_does(assets, tmp_path):
+    """The undistilled baseline starts fine-tuning with the pooler its distilled twin is
+    exported with: copied at the teacher's width, cut to the kept channels when pruned
+    (else the baseline's classifier reads a random pooler, the distilled one a trained
+    one). A headless teacher with a trained pooler, like the real MiniLM and MPNet."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, BertModel
+
+    from distill_cli.main import main
+    from finetune.loading import pooler_start
+
+    torch.manual_seed(3)
+    mlm = AutoModel.from_pretrained(assets["teacher"])
+    teacher_dir = tmp_path / "teacher"
+    with_pooler = BertModel(mlm.config, add_pooling_layer=True)
+    with_pooler.load_state_dict(mlm.state_dict(), strict=False)
+    torch.nn.init.normal_(with_pooler.pooler.dense.weight)
+    with_pooler.save_pretrained(teacher_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (teacher_dir / name).write_bytes((assets["teacher"] / name).read_bytes())
+    pooler = with_pooler.pooler.dense
+    local = dict(assets, teacher=teacher_dir)
+
+    recipe = write_recipe(tmp_path / "b.yaml", local, "num_layers: 2, init: teacher_layers")
+    assert main(["init", str(recipe), str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "init.json").read_text())["pooler"]["pooler"] == \
+        "teacher"
+    copied = AutoModel.from_pretrained(tmp_path / "b").pooler.dense
+    assert torch.equal(copied.weight, pooler.weight) and torch.equal(copied.bias, pooler.bias)
+
+    student = "num_layers: 2, hidden_size: 48, init: pruned, calibration_samples: 40"
+    recipe = write_recipe(tmp_path / "p.yaml", local, student, assets["shards"])
+    assert main(["init", str(recipe), str(tmp_path / "p")]) == 0
+    record = json.loads((tmp_path / "p" / "init.json").read_text())
+    assert record["pooler"]["pooler"] == "teacher_pruned"
+    kept = torch.tensor(record["hidden"]["channels"])
+    cut = AutoModel.from_pretrained(tmp_path / "p").pooler.dense
+    assert torch.equal(cut.weight, pooler.weight[kept][:, kept])
+    assert torch.equal(cut.bias, pooler.bias[kept])
+    _load_both(tmp_path / "p")  # the masked-LM class still loads (pooler unused there)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "p", num_labels=3, output_loading_info=True)
+    assert pooler_start(model, info) == "trained"

@@ -1,0 +1,93 @@
+"""bench/budget_curve.py and bench/pruning_table.py (the pruning study's budget points
+and targets): minutes of distillation from metrics.jsonl timestamps, a resume's downtime
+left out; the checkpoint nearest each budget; the targets and the table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+
+def _metrics(path: Path, records: list[tuple[int, float]]) -> Path:
+    path.write_text("".join(json.dumps({"step": s, "time": t, "train/total": 1.0}) + "\n"
+                            for s, t in records))
+    return path
+
+
+def test_elapsed_counts_steps_and_leaves_a_restart_out(tmp_path):
+    from budget_curve import elapsed_at, elapsed_by_step
+
+    # 2 s a step, logged every 10 steps from t=1000; an eval record at step 20 (10 s);
+    # killed after step 40, resumed an hour later.
+    records = [(10, 1020.0), (20, 1040.0), (20, 1050.0), (30, 1070.0), (40, 1090.0),
+               (50, 1090.0 + 3600 + 20), (60, 1090.0 + 3600 + 40)]
+    elapsed = elapsed_by_step(_metrics(tmp_path / "m.jsonl", records))
+    assert elapsed[10] == pytest.approx(20.0)  # the first 10 steps at the median pace
+    assert elapsed[20] == pytest.approx(50.0)  # the evaluation's 10 s counted
+    assert elapsed[40] == pytest.approx(90.0)
+    assert elapsed[50] == pytest.approx(110.0)  # the hour of downtime is not
+    assert elapsed[60] == pytest.approx(130.0)
+    assert elapsed_at(elapsed, 25) == pytest.approx(60.0)  # between two records
+    assert elapsed_at(elapsed, 70) == pytest.approx(130.0 + 10 * 110 / 50)  # beyond them
+    with pytest.raises(ValueError, match="fewer than two"):
+        elapsed_by_step(_metrics(tmp_path / "one.jsonl", [(10, 5.0)]))
+
+
+def test_nearest_checkpoint_to_each_budget(tmp_path):
+    from budget_curve import nearest_checkpoints
+
+    elapsed = {s: s * 6.0 for s in range(10, 1001, 10)}  # 6 s a step: 10 steps a minute
+    checkpoints = {s: tmp_path / f"step-{s:08d}" for s in (90, 160, 300, 450, 600)}
+    chosen = nearest_checkpoints(checkpoints, elapsed, [15, 30, 60])
+    assert {b: c["step"] for b, c in chosen.items()} == {15: 160, 30: 300, 60: 600}
+    assert chosen[15]["minutes"] == 16.0 and chosen[60]["path"].endswith("step-00000600")
+
+
+def _summary(p_scores: dict, speedup: dict, gap_low: float) -> dict:
+    tasks = list(p_scores)
+    row = lambda score, ret: {"mean": score, "std": 0.01, "retention_pct": ret,  # noqa: E731
+                              "ci95": [score - 0.02, score + 0.02], "vs_teacher": None}
+    models = {"teacher": {"minutes": 0, "step": 0, "parameters_M": 109.5, "size_mib": 418.0,
+                          "cpu_ms": {"b1": 100.0, "b32": 2700.0},
+                          "speedup": {"cpu_b1": 1.0, "cpu_b32": 1.0},
+                          "tasks": {t: row(0.9, 100.0) for t in tasks}}}
+    for name, minutes in (("p0", 0), ("p@60", 58.7), ("s0", 0), ("s@60", 59.1)):
+        models[name] = {"minutes": minutes, "step": 10 * int(minutes), "parameters_M": 22.7,
+                        "size_mib": 86.8, "cpu_ms": {"b1": 18.0, "b32": 400.0},
+                        "speedup": speedup,
+                        "tasks": {t: row(0.9 * r / 100, r) for t, r in p_scores.items()}}
+    gap = {"diff": 0.05, "ci95": [gap_low, 0.08], "p_a_ahead": 0.99}
+    return {"tasks": tasks, "budgets": [60.0], "models": models,
+            "p_minus_s": {"0": {t: gap for t in tasks}, "60": {t: gap for t in tasks}}}
+
+
+def test_targets_and_table():
+    from pruning_table import markdown_table, targets
+
+    summary = _summary({"sst": 96.0, "pos": 93.5}, {"cpu_b1": 5.9, "cpu_b32": 6.7}, 0.01)
+    t = summary["targets"] = targets(summary)
+    assert t["at_minutes"] == 58.7 and not t["retention_ok"]
+    assert t["retention_short_by_points"] == {"pos": 1.5}
+    assert t["speedup_ok"] and t["p_beats_s_ok"] and t["p_beats_s_ci95"]["sst"]
+    table = markdown_table(summary)
+    assert "| (p) 58.7 min (step 580) |" in table and "| (p0) not distilled |" in table
+    assert "| (p) - (s) at 60 min | +5.00 [+1.00, +8.00] |" in table
+    assert "86.40 ± 1.00 (96.0%) [84.4, 88.4]" in table
+    slow = _summary({"sst": 96.0}, {"cpu_b1": 5.9, "cpu_b32": 4.8}, -0.01)
+    t = targets(slow)
+    assert t["retention_ok"] and not t["speedup_ok"] and not t["p_beats_s_ok"]
+
+
+def test_budget_curve_plot_is_written(tmp_path):
+    from budget_curve import plot_budget_curve
+
+    curves = {"(p)": {"sst": [{"minutes": 0, "score": 0.7, "ci95": [0.68, 0.72]},
+                              {"minutes": 30, "score": 0.8, "ci95": [0.78, 0.82]}]},
+              "(s)": {"sst": [{"minutes": 0, "score": 0.5, "ci95": None}]}}
+    path = plot_budget_curve(curves, {"sst": 0.85}, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
