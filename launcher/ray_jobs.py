@@ -10,9 +10,11 @@ Train set up). The same entrypoint can go into a KubeRay ``RayJob`` manifest
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -24,6 +26,8 @@ from launcher.errors import LaunchError
 from launcher.job_env import MASK
 from launcher.profiles import RayProfile
 from launcher.templates import render, template_path, yaml_value
+
+log = logging.getLogger(__name__)
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 K8S_SECRET = "distill-secrets"
@@ -117,10 +121,28 @@ def _client(addr: str):
         raise LaunchError(f"Ray job API at {addr}: {err}") from None
 
 
-def submit(addr: str, entry: str, renv: dict, submission_id: str, metadata: dict) -> str:
+AGENT_WAIT_S = 180.0
+"""How long a submission waits for the head's job agent: a head that has just started,
+or one busy on every core, answers "No available agent to submit job, please try again
+later" until its dashboard agent is up."""
+
+
+def submit(addr: str, entry: str, renv: dict, submission_id: str, metadata: dict,
+           agent_wait_s: float = AGENT_WAIT_S) -> str:
     client = _client(addr)
-    return client.submit_job(entrypoint=entry, submission_id=submission_id,
-                             runtime_env=renv or None, metadata=metadata)
+    deadline = time.monotonic() + agent_wait_s
+    delay = 1.0
+    while True:
+        try:
+            return client.submit_job(entrypoint=entry, submission_id=submission_id,
+                                     runtime_env=renv or None, metadata=metadata)
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.monotonic() + delay > deadline:
+                raise
+            log.info("Ray at %s has no job agent ready yet (%s); retrying in %.0f s",
+                     addr, str(err).strip(), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def status(addr: str, submission_id: str) -> str:

@@ -315,3 +315,34 @@ def test_local_profile_runs_the_stage_and_reports_failure(recipe, tmp_path, monk
     with pytest.raises(LaunchError, match="distill_cli prep .* exited with"):
         execute(bad)
     assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def test_ray_submission_waits_for_a_job_agent_that_is_not_up_yet(monkeypatch):
+    """A fresh or busy Ray head answers "No available agent ... try again later" until its
+    dashboard agent is up: the submission retries; any other error is raised at once."""
+    from launcher import ray_jobs
+
+    class Client:
+        def __init__(self, failures: int, message: str):
+            self.failures, self.message, self.calls = failures, message, 0
+
+        def submit_job(self, **kw):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError(self.message)
+            return kw["submission_id"]
+
+    busy = ("Request failed with status code 500: No available agent to submit job, "
+            "please try again later..")
+    monkeypatch.setattr(ray_jobs.time, "sleep", lambda s: None)
+    client = Client(2, busy)
+    monkeypatch.setattr(ray_jobs, "_client", lambda addr: client)
+    assert ray_jobs.submit("http://127.0.0.1:1", "true", {}, "job-a", {}) == "job-a"
+    assert client.calls == 3
+    client = Client(1, "Request failed with status code 400: bad runtime_env")
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        ray_jobs.submit("http://127.0.0.1:1", "true", {}, "job-b", {})
+    assert client.calls == 1
+    client = Client(100, busy)  # never up: gives up after the wait
+    with pytest.raises(RuntimeError, match="try again later"):
+        ray_jobs.submit("http://127.0.0.1:1", "true", {}, "job-c", {}, agent_wait_s=0.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clusters import slurm_cluster, slurm_unavailable_reason
+from clusters import free_port, slurm_cluster, slurm_unavailable_reason
 from launch_fixtures import prepared_shards, run_distill, write_tiny_recipe
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,11 @@ def recipe_and_shards(tmp_path_factory, tiny_teacher_dir, tiny_corpus_dir):
 
 
 def _submit(args: list[str], env: dict, cwd: Path) -> str:
-    r = run_distill(["launch", *args], env=env, cwd=cwd)
+    # The rendezvous port base (the job adds its id % 1000): a random one, not the
+    # profile's 29500, which a process of a test running beside this one may hold (the
+    # torchrun agent would then join it as a client and fail).
+    r = run_distill(["launch", *args, "--set", f"rdzv_port={free_port()}"], env=env,
+                    cwd=cwd)
     assert r.returncode == 0, r.stdout + r.stderr
     job_id = r.stdout.strip().splitlines()[-1]
     assert job_id.isdigit(), r.stdout
