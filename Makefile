@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # tests/conftest.py): most tests wait on processes they start, so two overlap well on
 # 2 cores. TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1

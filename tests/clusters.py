@@ -241,6 +241,11 @@ def ray_head(ray_bin: str, num_cpus: int = 2) -> Iterator[RayHead]:
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash_port}", "--include-dashboard=true",
+         # Ray's fixed defaults (agent 52365, client server 10001) would collide with
+         # another Ray on this machine (a test's local prep Ray running beside this one):
+         # the second job agent would never come up.
+         f"--dashboard-agent-listen-port={free_port()}",
+         f"--ray-client-server-port={free_port()}",
          f"--num-cpus={num_cpus}", "--object-store-memory=200000000",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -121,18 +121,28 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-# Under xdist (`make test`: -n 2 --dist loadgroup) a test file stays on one worker, so its
+# Under xdist (`make test`: -n 2 --dist loadfile) a test file stays on one worker, so its
 # module fixtures (a Ray head, a Slurm cluster, a reference run) are built once; the files
-# that start a Ray cluster share one worker, so two never start at the same time.
-_XDIST_GROUPS = {"test_launch_ray.py": "ray", "test_prep_ray.py": "ray"}
+# that start a Ray cluster count as one file, so two never run at the same time.
+_RUN_TOGETHER = {"test_launch_ray.py": "ray", "test_prep_ray.py": "ray"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return _RUN_TOGETHER.get(path.rsplit("/", 1)[-1], path)
+
+    return FilesAndGroups(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Each test's xdist group (above). GPU-only tests skip with a reason where no GPU is
-    visible; they never fail on CPU."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(_XDIST_GROUPS.get(name, name)))
+    """GPU-only tests skip with a reason where no GPU is visible; they never fail on CPU."""
     import torch
 
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu":
