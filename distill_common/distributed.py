@@ -106,6 +106,17 @@ class World:
         return box[0]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, torch's own probes).
+    Without it oneDNN emulates bf16 matmuls: 70x slower than fp32 on an AVX2-only AMD
+    EPYC (1,024 x 384 by 384 x 1,536, one thread)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    return False
+
+
 # --- launch environment ---------------------------------------------------------------------
 
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 from functools import partial
 
 import torch
 
-from distill_common.distributed import World
+from distill_common.distributed import World, cpu_has_native_bf16
 from distill_common.errors import DistillUserError
 from distill_pretrain.distill_module import DistillModule
 from distill_pretrain.objective_outputs import ObjectiveOutput
@@ -39,8 +40,14 @@ class EngineUserError(DistillUserError, RuntimeError):
     """A precision / device / offload combination that cannot run here."""
 
 
+CPU_BF16_ENV = "DISTILL_CPU_BF16"
+"""`1`: keep train.precision=bf16 on a CPU without native bf16 (slow; tests use it)."""
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto -> bf16 on a GPU that supports it, else fp32. fp16 needs a GPU."""
+    """auto -> bf16 on a GPU that supports it, else fp32. fp16 needs a GPU. bf16 on a CPU
+    without native bf16 runs in fp32 instead (with a warning; DISTILL_CPU_BF16=1 keeps
+    it)."""
     if requested == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
@@ -48,6 +55,13 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "fp16" and device.type != "cuda":
         raise EngineUserError("train.precision=fp16 needs a CUDA GPU (loss scaling is a GPU "
                               "feature in DeepSpeed); use bf16 or fp32 on CPU")
+    if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() \
+            and os.environ.get(CPU_BF16_ENV) != "1":
+        log.warning("train.precision=bf16: this CPU has no native bf16 (no AVX512-BF16 or "
+                    "AMX), where bf16 matmuls run about 70x slower than fp32; training in "
+                    "fp32 instead (set train.precision=fp32 to silence this, %s=1 to keep "
+                    "bf16)", CPU_BF16_ENV)
+        return "fp32"
     return requested
 
 

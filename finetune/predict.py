@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from distill_common.distributed import World
+from distill_common.distributed import World, cpu_has_native_bf16
 from finetune.config import HParams
 from finetune.encode import EncodedSplit, collate
 from finetune.metrics import task_metrics
 from finetune.tasks import TaskConfig
-
-
-def cpu_has_native_bf16() -> bool:
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    return False
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

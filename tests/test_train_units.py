@@ -60,9 +60,32 @@ def test_config_checks_name_the_field():
 def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32"
-    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("bf16", cpu) == "bf16"  # DISTILL_CPU_BF16=1 (conftest)
     with pytest.raises(RuntimeError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", cpu)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32(monkeypatch, caplog):
+    from distill_common import distributed
+    from distill_pretrain import engine
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not distributed.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert distributed.cpu_has_native_bf16()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.delenv(engine.CPU_BF16_ENV, raising=False)
+    with caplog.at_level("WARNING", logger="distill_pretrain.engine"):
+        assert resolve_precision("bf16", cpu) == "fp32"
+    assert "no native bf16" in caplog.text and "train.precision=fp32" in caplog.text
+    assert resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setenv(engine.CPU_BF16_ENV, "1")
+    assert resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.delenv(engine.CPU_BF16_ENV)
+    assert resolve_precision("bf16", cpu) == "bf16"
 
 
 def test_resume_candidates_are_complete_checkpoints_newest_first(tmp_path):
