@@ -122,7 +122,7 @@ def test_missing_hub_id_is_one_line_naming_the_id_cache_and_fix(hf_home):
     assert "'tiny-org/not-there@v3'" in msg and str(hf_home / "hub") in msg
     assert "hf download tiny-org/not-there --revision v3" in msg and "HF_HOME" in msg
     with pytest.raises(AssetError, match="neither a folder, a model asset"):
-        resolve_model_dir("runs/demo/student")
+        resolve_model_dir("runs/no-such-run-here/student")
 
 
 def test_teacher_loads_from_a_hub_id(cached_teacher):
