@@ -5,9 +5,9 @@ data (``eval/mlm_accuracy``, ``eval/agreement``) against the pretraining step.
 They are read from the pretraining run's ``metrics.jsonl`` (the file; fine-tuning does
 not import pretraining code). Which run made a student is recorded in the student's
 ``distill_run.json`` (the recipe's ``train.output_dir``); a relative output_dir is looked
-up from the current folder and from the folders above the student (the pipeline's layout
-is ``<output_dir>/student`` beside ``<output_dir>/pretrain``). The pipeline passes the
-file explicitly.
+up from the folders above the student first (the pipeline's layout is
+``<output_dir>/student`` beside ``<output_dir>/pretrain``), then from the current folder
+(a student exported elsewhere). The pipeline passes the file explicitly.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def find_run_metrics(model_dir: Path) -> Optional[Path]:
         return None
     rel = Path(output_dir)
     candidates = [rel] if rel.is_absolute() else \
-        [Path.cwd() / rel] + [up / rel for up in Path(model_dir).resolve().parents]
+        [up / rel for up in Path(model_dir).resolve().parents] + [Path.cwd() / rel]
     found = next((c / "metrics.jsonl" for c in candidates if (c / "metrics.jsonl").is_file()),
                  None)
     if found is None:
