@@ -13,7 +13,6 @@ Used by bench/pruning_study.py.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -25,10 +24,11 @@ evaluation of a few hundred sequences plus a checkpoint take well under a minute
 
 def elapsed_by_step(metrics_path: Path) -> dict[int, float]:
     """step -> seconds of distillation when that step's last record was written."""
+    from distill_common.tracking import read_metrics  # skips a torn last line
+
     last: dict[int, float] = {}
-    for line in Path(metrics_path).read_text().splitlines():
-        record = json.loads(line) if line.strip() else None
-        if isinstance(record, dict) and "step" in record and "time" in record:
+    for record in read_metrics(metrics_path):
+        if "step" in record and "time" in record:
             last[int(record["step"])] = float(record["time"])
     steps = sorted(last)
     if len(steps) < 2:

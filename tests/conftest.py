@@ -124,9 +124,9 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-# Under xdist (`make test`: -n 2 --dist loadfile) a test file stays on one worker, so its
-# module fixtures (a Ray head, a Slurm cluster, a reference run) are built once; the files
-# that start a Ray cluster count as one file, so two never run at the same time.
+# Under xdist (`TEST_WORKERS=2 make test`: -n 2 --dist loadfile) a test file stays on one
+# worker, so its module fixtures (a Ray head, a Slurm cluster, a reference run) are built
+# once; the files that start a Ray cluster count as one file, so two never run at once.
 _RUN_TOGETHER = {"test_launch_ray.py": "ray", "test_prep_ray.py": "ray"}
 
 
