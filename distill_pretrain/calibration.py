@@ -52,19 +52,30 @@ class CalibrationSample:
     batch_size: int = 16
 
     def _sequences(self, manifest: dict) -> Iterator[np.ndarray]:
+        """Up to SHARDS_SAMPLED shards in a seeded order, an even share of the sample from
+        each; a shard shorter than its share (the last one of a split often is) leaves the
+        rest to the shards after it, then to a second pass over the same order."""
         urls = shards.shard_urls(self.data_dir, manifest, "train")
         order = np.random.default_rng([self.seed, _TAG_CALIBRATION]).permutation(len(urls))
-        per_shard = math.ceil(self.num_samples / min(len(urls), SHARDS_SAMPLED))
+        spread = min(len(urls), SHARDS_SAMPLED)
         vocab_size = int(manifest["tokenizer"]["vocab_size"])
+        read_from = [0] * len(urls)
         taken = 0
-        for i in order:
-            for key, payload in read_shard(urls[i], limit=per_shard):
-                yield decode_ids(payload, urls[i], key, manifest["seq_len"], vocab_size)
-                taken += 1
-                if taken == self.num_samples:
+        for _ in range(2):
+            for j, i in enumerate(order):
+                want = self.num_samples - taken
+                if want <= 0:
                     return
-        log.warning("calibration: the training shards of %s hold %d sequences, fewer than "
-                    "student.calibration_samples=%d", self.data_dir, taken, self.num_samples)
+                for key, payload in read_shard(urls[i], skip=read_from[i],
+                                               limit=math.ceil(want / max(spread - j, 1))):
+                    yield decode_ids(payload, urls[i], key, manifest["seq_len"], vocab_size)
+                    read_from[i] += 1
+                    taken += 1
+            spread = 1  # second pass: whatever each shard has left
+        if taken < self.num_samples:
+            log.warning("calibration: the training shards of %s hold %d sequences, fewer "
+                        "than student.calibration_samples=%d", self.data_dir, taken,
+                        self.num_samples)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         manifest = shards.load_manifest(self.data_dir)

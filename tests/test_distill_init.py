@@ -48,9 +48,33 @@ def test_calibration_sample_is_seeded_unmasked_and_spread_over_shards(assets):
     assert sorted(other) == sorted(rows)  # 5 of each shard are the first 5 either way...
     assert other != rows  # ...taken in another shard order
     few = _rows(CalibrationSample(str(assets["shards"]), num_samples=6, seed=0))
-    assert len({where[r] for r in few}) == 3 and len(few) == 6  # 2 from each of 3
+    assert len({where[r] for r in few}) == 4 and len(few) == 6  # 2, 2, 1, 1
     # More than the shards hold: everything once, and a warning, not an endless loop.
     assert len(_rows(CalibrationSample(str(assets["shards"]), num_samples=500, seed=0))) == 95
+
+
+def test_calibration_sample_is_full_when_a_shard_is_shorter_than_its_share(assets, tmp_path):
+    """A split's last shard is often short (the real corpus's holds 5 sequences): the
+    shards after it, then a second pass, make up its share."""
+    import shutil
+    import tarfile
+
+    folder = tmp_path / "shards"
+    shutil.copytree(assets["shards"], folder)
+    short = folder / "train" / "shard-000000.tar"
+    with tarfile.open(short) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({m.name.split(".")[0] for m, _ in members})[:3]
+    with tarfile.open(short, "w") as tar:
+        for member, data in members:
+            if member.name.split(".")[0] in keys:
+                tar.addfile(member, __import__("io").BytesIO(data))
+    where = _shard_of_each_sequence(folder)
+    for seed in (0, 1, 2):
+        rows = _rows(CalibrationSample(str(folder), num_samples=60, seed=seed))
+        assert len(rows) == len(set(rows)) == 60  # none twice
+        counts = [sum(where[r] == n for r in rows) for n in range(4)]
+        assert counts[0] == 3 and min(counts[1:]) >= 15, counts  # each its share, 15
 
 
 def test_calibration_only_for_pruned_students(assets):
