@@ -1,7 +1,8 @@
 """bench/pruning_study.py's summary as markdown tables, and the issue's targets checked
 on it: (p) at the largest budget keeps >= 95% of the teacher's score on every task at
 >= 5x CPU speed-up at batch 1 and 32, and beats (s) at equal budget by an interval that
-excludes zero on at least one task."""
+excludes zero on at least one task. The speed-up target is the summary's
+`speedup_target` (the issue's 5x for MPNet-base -> 6 x 384; 4x for the MiniLM-L6 recipe)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def targets(summary: dict) -> dict:
     final = summary["models"][f"p@{budget}"]
     retention = {t: final["tasks"][t]["retention_pct"] for t in summary["tasks"]}
     speedup = {b: final["speedup"].get(f"cpu_{b}") for b in ("b1", "b32")}
+    speedup_target = summary.get("speedup_target", SPEEDUP_TARGET)
     beats = {t: summary["p_minus_s"][budget][t]["ci95"][0] > 0 for t in summary["tasks"]}
     return {
         "at_minutes": final["minutes"],
@@ -28,7 +30,8 @@ def targets(summary: dict) -> dict:
                                       for t, r in retention.items()
                                       if r is not None and r < RETENTION_TARGET_PCT},
         "speedup": speedup,
-        "speedup_ok": all(s is not None and s >= SPEEDUP_TARGET for s in speedup.values()),
+        "speedup_target": speedup_target,
+        "speedup_ok": all(s is not None and s >= speedup_target for s in speedup.values()),
         "p_beats_s_ci95": beats,
         "p_beats_s_ok": any(beats.values()),
     }
@@ -89,7 +92,7 @@ def markdown_table(summary: dict) -> str:
     lines += ["", f"Targets at {t['at_minutes']:g} min of distillation: retention >= "
               f"{RETENTION_TARGET_PCT:g}% on every task: **{t['retention_ok']}** "
               f"({', '.join(f'{k} {v:.1f}%' for k, v in t['retention_pct'].items())}); "
-              f"speed-up >= {SPEEDUP_TARGET:g}x at b1 and b32: **{t['speedup_ok']}** "
+              f"speed-up >= {t['speedup_target']:g}x at b1 and b32: **{t['speedup_ok']}** "
               f"({t['speedup']['b1']}x / {t['speedup']['b32']}x); (p) beats (s) with an "
               f"interval above zero on at least one task: **{t['p_beats_s_ok']}** "
               f"({', '.join(k for k, v in t['p_beats_s_ci95'].items() if v) or 'none'})."]

@@ -81,6 +81,9 @@ def test_targets_and_table():
     slow = _summary({"sst": 96.0}, {"cpu_b1": 5.9, "cpu_b32": 4.8}, -0.01)
     t = targets(slow)
     assert t["retention_ok"] and not t["speedup_ok"] and not t["p_beats_s_ok"]
+    slow["speedup_target"] = 4.0  # the MiniLM-L6 -> 4 x 256 recipe's target
+    assert targets(slow)["speedup_ok"] and "speed-up >= 4x" in markdown_table(
+        {**slow, "targets": targets(slow)})
 
 
 def test_budget_curve_plot_is_written(tmp_path):
