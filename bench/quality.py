@@ -304,7 +304,12 @@ def fingerprint(model_dir: str, hparams: dict, task: dict) -> dict:
                     digest.update(block)
             weights.append([p.name, digest.hexdigest()])
     task = {k: v for k, v in task.items() if k != "base_dir"}
-    return {"hparams": hparams, "task": task, "weights": weights}
+    return {"protocol": PROTOCOL, "hparams": hparams, "task": task, "weights": weights}
+
+
+PROTOCOL = 2
+"""Raised when the fine-tuning code changes what a result means, so that kept results of
+the older code are redone (2: early stopping waits for min_steps)."""
 
 
 def finetuned(model_dir: str, task: str, out: Path, cfg, log) -> dict:

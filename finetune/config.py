@@ -50,7 +50,8 @@ class HParams:
     """Use at most this many training examples (a seeded subset); 0 = all."""
     min_steps: Optional[int] = None
     """Train for at least this many optimizer steps: on a small training split the epochs
-    are raised to reach it (early stopping still applies); 0 = the epochs as given."""
+    are raised to reach it, and early stopping applies only after it (the best validation
+    checkpoint is still the one scored); 0 = the epochs as given."""
 
     def __post_init__(self):
         if self.seeds is not None:

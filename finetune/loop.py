@@ -182,7 +182,9 @@ def train_one_seed(run: TaskRun, seed: int):
                          task.metric, val[task.metric])
                 best.update(model, val[task.metric], val_preds,
                             {"epoch": epoch + 1, "step": step})
-                if hp.patience and best.bad_evals >= hp.patience:
+                # min_steps is a floor: early stopping counts only once it is reached (a
+                # dip at step 90 of a 150-step floor stopped a slow learner at 78%).
+                if hp.patience and best.bad_evals >= hp.patience and step >= hp.min_steps:
                     stopped_early = True
                     break
             if stopped_early:

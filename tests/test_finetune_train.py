@@ -296,6 +296,23 @@ def test_early_stopping_stops(tmp_path, tiny_encoder_dir):
     assert res["saved_model"] is None and not (tmp_path / "out" / "model").exists()
 
 
+def test_early_stopping_waits_for_min_steps(tmp_path, tiny_encoder_dir):
+    """min_steps is a floor: with patience 1 a run that never improves still trains until
+    min_steps, then stops at the first evaluation there."""
+    from finetune import run_task
+
+    task = _topics_task(tmp_path)
+    cfg = ("learning_rate=1e-12", "patience=1", "epochs=5", "evals_per_epoch=2",
+           "save_model=none")
+    first = run_task(tiny_encoder_dir, task, tmp_path / "a", finetune_cfg(*cfg))
+    per_epoch = first["seeds"][0]["history"][1]["step"]  # 2nd evaluation: end of epoch 1
+    res = run_task(tiny_encoder_dir, task, tmp_path / "b",
+                   finetune_cfg(*cfg, f"min_steps={2 * per_epoch}"))
+    seed = res["seeds"][0]
+    assert seed["stopped_early"] and len(seed["history"]) == 4
+    assert seed["history"][-1]["step"] == 2 * per_epoch and seed["epochs"] == 5
+
+
 def test_without_a_test_split_the_best_validation_predictions_are_kept(tmp_path,
                                                                        tiny_encoder_dir):
     """No test split: the score is on validation, and the kept predictions are those of
