@@ -25,7 +25,7 @@ their checkpoints, exports and fine-tunings already done are kept.
         [--recipe mpnet-6x384-pruned] [--seeds 0,1] [--teacher-seeds 0]
         [--tasks bbc_news,wiki_topic,movie_sentiment,oanc_pos] [--task-set T:K=V]
         [--min-steps 150] [--max-train 0] [--s-set KEY=VALUE] [--out runs/pruning]
-        [--speedup-target 5] [--distil-only]
+        [--speedup-target 5] [--skip s0] [--distil-only]
 
 --steps sizes the runs to the largest budget: measure a few steps' pace first (the run
 ends, and its learning rate reaches zero, at --steps; a budget point is the checkpoint
@@ -81,6 +81,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--speedup-target", type=float, default=5.0,
                     help="CPU speed-up (p) must reach at batch 1 and 32 (the issue: 5x for "
                          "MPNet-base -> 6 x 384, 4x for MiniLM-L6 -> 4 x 256)")
+    ap.add_argument("--skip", default="",
+                    help="models not fine-tuned nor reported, e.g. s0 (the random-layer "
+                         "student before distillation) when time is short")
     ap.add_argument("--distil-only", action="store_true",
                     help="stop after the runs, the initial students and the exports")
     return ap.parse_args()
@@ -129,6 +132,8 @@ def main() -> int:
     from distill_common.assets import resolve_model_dir
 
     recipe = load_recipe(args.recipe, [f"output_dir={out / 'p'}", *shared])
+    skipped = {name for name in args.skip.split(",") if name}
+    models = {name: folder for name, folder in models.items() if name not in skipped}
     models = {"teacher": str(resolve_model_dir(recipe.teacher.path)), **models}
     results: dict = {}
     t0 = time.perf_counter()
@@ -189,14 +194,15 @@ def _summary(args, tasks, budgets, models, points, results, report, timings) -> 
     pairs = {"0": ("p0", "s0"), **{f"{b:g}": (f"p@{b:g}", f"s@{b:g}") for b in budgets}}
     p_vs_s = {label: {task: compare_results(results[p][task], results[s][task],
                                             draws=args.draws) for task in tasks}
-              for label, (p, s) in pairs.items()}
+              for label, (p, s) in pairs.items() if p in results and s in results}
     summary = {"bench": "pruning_study", "recipe": args.recipe, "steps": args.steps,
                "save_every": args.save_every, "s_overrides": S_OVERRIDES + args.s_set,
                "seeds": args.seeds, "teacher_seeds": args.teacher_seeds or args.seeds,
                "finetune": {"min_steps": args.min_steps, "max_train": args.max_train,
                             "task_set": args.task_set},
                "tasks": tasks, "budgets": budgets, "models": rows, "p_minus_s": p_vs_s,
-               "speedup_target": args.speedup_target, "timings": timings}
+               "speedup_target": args.speedup_target, "skipped": args.skip,
+               "timings": timings}
     summary["targets"] = targets(summary)
     return summary
 
