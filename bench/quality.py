@@ -18,7 +18,7 @@ of the tasks shares its shards, students and kept fine-tunings with the full run
 one JSON line, with each model's validation scores beside the test scores (choose
 between variants on validation). Not run in CI (tens of minutes on a 2-core CPU).
 
-    python bench/quality.py [--recipe demo] [--steps 400] [--seeds 0,1,2]
+    python bench/quality.py [--recipe demo] [--steps 400] [--seeds 0,1,2] [--teacher-seeds 0]
         [--tasks bbc_news,wiki_topic,movie_sentiment,oanc_pos] [--holdout-tasks ...]
         [--max-train 0 | --max-train bbc_news=600,movie_sentiment=1000,...]
         [--min-steps 150] [--out runs/quality] [--task-set bbc_news:split.test=0.4]
@@ -26,7 +26,9 @@ between variants on validation). Not run in CI (tens of minutes on a 2-core CPU)
         [--variant NAME --set-a K=V]
 
 --no-scratch leaves (c) out (its pretraining run and fine-tunings): enough to check that
-the recipe's student beats its own undistilled cut, at about half the cost.
+the recipe's student beats its own undistilled cut, at about half the cost. --teacher-seeds
+fine-tunes the teacher with fewer seeds (it gives retention only; the margins pair the
+students' seeds).
 
 Fine-tuning results are kept under OUT/finetune and reused while the model's weights, the
 fine-tuning hyperparameters and the task recipe are unchanged.
@@ -35,6 +37,7 @@ fine-tuning hyperparameters and the task recipe are unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -63,6 +66,9 @@ def main() -> int:
     ap.add_argument("--recipe", default="demo")
     ap.add_argument("--steps", type=int, default=None, help="train.max_steps (a) and (c)")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--teacher-seeds", default="",
+                    help="the teacher's fine-tuning seeds (default: --seeds); the margins "
+                         "between students pair their seeds, the teacher gives retention")
     ap.add_argument("--tasks", default="bbc_news,wiki_topic,movie_sentiment,oanc_pos")
     ap.add_argument("--holdout-tasks", default="",
                     help="tasks whose validation and test texts the shards hold out "
@@ -105,6 +111,7 @@ def main() -> int:
 
     out = (ROOT / args.out).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
+    teacher_seeds = [int(s) for s in (args.teacher_seeds or args.seeds).split(",")]
     tasks = [t for t in args.tasks.split(",") if t]
     held = [t for t in args.holdout_tasks.split(",") if t] or tasks
     files = task_files(sorted(set(tasks) | set(held)), args.task_set, out / "tasks")
@@ -164,7 +171,9 @@ def main() -> int:
     for task in tasks:  # task-major: a task's comparison is complete before the next
         for name, folder in models.items():
             where = out / "finetune" / (name + suffix if name == "a_distilled" else name)
-            res = finetuned(folder, files[task], where / task, ft_cfg, log)
+            cfg = (dataclasses.replace(ft_cfg, seeds=teacher_seeds) if name == "teacher"
+                   else ft_cfg)
+            res = finetuned(folder, files[task], where / task, cfg, log)
             results.setdefault(name, {})[task] = res
             log.info("%s on %s: %.4f +- %.4f", name, task, res["score"], res["score_std"] or 0)
     timings["finetune_s"] = round(time.perf_counter() - t0, 1)
@@ -183,6 +192,7 @@ def main() -> int:
                "a_overrides": args.extra_a, "teacher": recipe_a.teacher.path,
                "student": f"{recipe_a.student.num_layers} layers",
                "pretrain_steps": recipe_a.train.max_steps, "seeds": seeds,
+               "teacher_seeds": teacher_seeds,
                "finetune": {"max_train": args.max_train, "min_steps": args.min_steps},
                "tasks": {task: _task_row(task, results, probes.get(task), args.draws)
                          for task in tasks}}

@@ -40,3 +40,16 @@ def test_task_row_with_and_without_the_scratch_student():
     row = _task_row("t", results, None, draws=200)
     assert row["a_minus_c"] == -0.025
     assert row["a_vs_c"]["ci95"][0] <= 0  # (a) does not beat (c) here
+
+
+def test_task_row_with_a_teacher_of_fewer_seeds():
+    """--teacher-seeds 0: the teacher's one run gives retention; the students' margins
+    still pair their two seeds."""
+    from quality import _task_row
+
+    results = {"teacher": {"t": _result([40])}, "a_distilled": {"t": _result([36, 38])},
+               "b_teacher_layers": {"t": _result([20, 22])}}
+    row = _task_row("t", results, None, draws=200)
+    assert row["teacher"]["per_seed"] == [1.0]
+    assert row["a_distilled"]["retention_pct"] == 92.5
+    assert row["a_minus_b"] == 0.4 and row["a_vs_b"]["ci95"][0] > 0
