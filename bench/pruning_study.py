@@ -25,7 +25,10 @@ their checkpoints, exports and fine-tunings already done are kept.
         [--recipe mpnet-6x384-pruned] [--seeds 0,1] [--teacher-seeds 0]
         [--tasks bbc_news,wiki_topic,movie_sentiment,oanc_pos] [--task-set T:K=V]
         [--min-steps 150] [--max-train 0] [--s-set KEY=VALUE] [--out runs/pruning]
-        [--speedup-target 5] [--skip s0] [--distil-only]
+        [--speedup-target 5] [--skip s0] [--student-lr 5e-4] [--distil-only]
+
+--student-lr fine-tunes the students at their own learning rate (a small student learns
+slower than its teacher at the teacher's rate), its results written beside the others.
 
 --steps sizes the runs to the largest budget: measure a few steps' pace first (the run
 ends, and its learning rate reaches zero, at --steps; a budget point is the checkpoint
@@ -84,6 +87,11 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--skip", default="",
                     help="models not fine-tuned nor reported, e.g. s0 (the random-layer "
                          "student before distillation) when time is short")
+    ap.add_argument("--student-lr", type=float, default=None,
+                    help="the students' fine-tuning learning rate (default: each task's, "
+                         "the teacher's); their results, report, table and plot are "
+                         "written apart (OUT/finetune/lr-LR/, OUT/report-lr-LR/, "
+                         "OUT/summary-lr-LR.json, ...) beside those of the task's rate")
     ap.add_argument("--distil-only", action="store_true",
                     help="stop after the runs, the initial students and the exports")
     return ap.parse_args()
@@ -135,25 +143,28 @@ def main() -> int:
     skipped = {name for name in args.skip.split(",") if name}
     models = {name: folder for name, folder in models.items() if name not in skipped}
     models = {"teacher": str(resolve_model_dir(recipe.teacher.path)), **models}
+    tag = f"-lr-{args.student_lr:g}" if args.student_lr else ""
     results: dict = {}
     t0 = time.perf_counter()
     for task in tasks:  # task-major: a task's comparison is complete before the next
         for name, folder in models.items():
+            student = name != "teacher"
             cfg = FinetuneConfig(tasks=[files[task]], save_model="none",
-                                 seeds=teacher_seeds if name == "teacher" else seeds,
+                                 seeds=seeds if student else teacher_seeds,
+                                 learning_rate=args.student_lr if student else None,
                                  max_train_examples=args.max_train or None,
                                  min_steps=args.min_steps or None)
-            res = quality.finetuned(folder, files[task], out / "finetune" / name / task, cfg,
-                                    log)
+            where = out / "finetune" / (tag[1:] if student and tag else "") / name / task
+            res = quality.finetuned(folder, files[task], where, cfg, log)
             results.setdefault(name, {})[task] = res
             log.info("%s on %s: %.4f +- %.4f", name, task, res["score"], res["score_std"])
     timings["finetune_s"] = round(time.perf_counter() - t0, 1)
-    report = build_report(models, results, out / "report", "teacher",
+    report = build_report(models, results, out / f"report{tag}", "teacher",
                           ReportConfig(latency_repeats=10, bootstrap_draws=args.draws))
     summary = _summary(args, tasks, budgets, models, points, results, report, timings)
-    (out / "pruning_study.md").write_text(markdown_table(summary))
-    summary["plot"] = str(_plot(summary, tasks, out / "budget_curve.png"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / f"pruning_study{tag}.md").write_text(markdown_table(summary))
+    summary["plot"] = str(_plot(summary, tasks, out / f"budget_curve{tag}.png"))
+    (out / f"summary{tag}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0
 
@@ -199,7 +210,7 @@ def _summary(args, tasks, budgets, models, points, results, report, timings) -> 
                "save_every": args.save_every, "s_overrides": S_OVERRIDES + args.s_set,
                "seeds": args.seeds, "teacher_seeds": args.teacher_seeds or args.seeds,
                "finetune": {"min_steps": args.min_steps, "max_train": args.max_train,
-                            "task_set": args.task_set},
+                            "task_set": args.task_set, "student_lr": args.student_lr},
                "tasks": tasks, "budgets": budgets, "models": rows, "p_minus_s": p_vs_s,
                "speedup_target": args.speedup_target, "skipped": args.skip,
                "timings": timings}

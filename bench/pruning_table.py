@@ -61,8 +61,11 @@ def markdown_table(summary: dict) -> str:
     tasks = summary["tasks"]
     head = ["model", "params (M)", "size (MiB)", "CPU ms b1 / b32", "speed-up b1 / b32"] + \
         [f"{t}" for t in tasks]
+    student_lr = summary.get("finetune", {}).get("student_lr")
+    rate = (f" The students are fine-tuned at learning rate {student_lr:g}, the teacher at "
+            "its task's." if student_lr else "")
     lines = ["Scores: mean over seeds ± std on the test split, (retention % of the teacher), "
-             "[95% interval of the score].", "",
+             "[95% interval of the score]." + rate, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary["models"].items():
         speed = row["speedup"]

@@ -78,6 +78,9 @@ def test_targets_and_table():
     assert "| (p) 58.7 min (step 580) |" in table and "| (p0) not distilled |" in table
     assert "| (p) - (s) at 60 min | +5.00 [+1.00, +8.00] |" in table
     assert "86.40 ± 1.00 (96.0%) [84.4, 88.4]" in table
+    assert "learning rate" not in table
+    summary["finetune"] = {"student_lr": 5e-4}  # --student-lr: the table says so
+    assert "students are fine-tuned at learning rate 0.0005" in markdown_table(summary)
     slow = _summary({"sst": 96.0}, {"cpu_b1": 5.9, "cpu_b32": 4.8}, -0.01)
     t = targets(slow)
     assert t["retention_ok"] and not t["speedup_ok"] and not t["p_beats_s_ok"]
