@@ -61,9 +61,11 @@ def markdown_table(summary: dict) -> str:
     tasks = summary["tasks"]
     head = ["model", "params (M)", "size (MiB)", "CPU ms b1 / b32", "speed-up b1 / b32"] + \
         [f"{t}" for t in tasks]
-    student_lr = summary.get("finetune", {}).get("student_lr")
-    rate = (f" The students are fine-tuned at learning rate {student_lr:g}, the teacher at "
-            "its task's." if student_lr else "")
+    grid = summary.get("finetune", {}).get("student_lr") or []
+    rate = (" Each student is fine-tuned at its task's learning rate and at "
+            + ", ".join(f"{lr:g}" for lr in grid) + ", and scored at the rate of the best "
+            "mean validation score (given in the cell); the teacher at its task's rate."
+            if grid else "")
     lines = ["Scores: mean over seeds ± std on the test split, (retention % of the teacher), "
              "[95% interval of the score]." + rate, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -77,8 +79,9 @@ def markdown_table(summary: dict) -> str:
             e = row["tasks"][t]
             ci = e.get("ci95") or [None, None]
             interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci[0] is not None else ""
+            chosen = f" lr {e['learning_rate']:g}" if grid and name != "teacher" else ""
             cells.append(f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f} "
-                         f"({e['retention_pct']:.1f}%){interval}")
+                         f"({e['retention_pct']:.1f}%){interval}{chosen}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Margins in points, 95% interval (paired bootstrap over the test "
               "examples and the seeds):", "",

@@ -79,14 +79,40 @@ def test_targets_and_table():
     assert "| (p) - (s) at 60 min | +5.00 [+1.00, +8.00] |" in table
     assert "86.40 ± 1.00 (96.0%) [84.4, 88.4]" in table
     assert "learning rate" not in table
-    summary["finetune"] = {"student_lr": 5e-4}  # --student-lr: the table says so
-    assert "students are fine-tuned at learning rate 0.0005" in markdown_table(summary)
+    summary["finetune"] = {"student_lr": [3e-4, 1e-3]}  # --student-lr: the table says so
+    for name, row in summary["models"].items():
+        for entry in row["tasks"].values():
+            entry["learning_rate"] = 1e-4 if name == "teacher" else 1e-3
+    table = markdown_table(summary)
+    assert "at its task's learning rate and at 0.0003, 0.001, and scored" in table
+    assert "86.40 ± 1.00 (96.0%) [84.4, 88.4] lr 0.001 |" in table
+    assert "(100.0%) [88.0, 92.0] |" in table  # the teacher's rate is not shown
     slow = _summary({"sst": 96.0}, {"cpu_b1": 5.9, "cpu_b32": 4.8}, -0.01)
     t = targets(slow)
     assert t["retention_ok"] and not t["speedup_ok"] and not t["p_beats_s_ok"]
     slow["speedup_target"] = 4.0  # the MiniLM-L6 -> 4 x 256 recipe's target
     assert targets(slow)["speedup_ok"] and "speed-up >= 4x" in markdown_table(
         {**slow, "targets": targets(slow)})
+
+
+def test_student_learning_rate_chosen_on_validation():
+    """--student-lr: each student's rate is the one of the best mean validation score
+    (the lower on a tie); the test scores play no part."""
+    from pruning_study import choose_on_validation
+
+    def run(lr, validation, test):
+        return {"hparams": {"learning_rate": lr}, "metric": "accuracy",
+                "score_split": "test", "score": sum(test) / len(test), "score_std": 0.0,
+                "seeds": [{"validation": {"accuracy": v}, "test": {"accuracy": t}}
+                          for v, t in zip(validation, test)]}
+
+    runs = {None: run(1e-4, [0.60, 0.62], [0.9, 0.9]), 3e-4: run(3e-4, [0.70, 0.66], [0.5, 0.5]),
+            1e-3: run(1e-3, [0.64, 0.64], [0.99, 0.99])}
+    lr, chosen = choose_on_validation(runs)
+    assert lr == 3e-4 and chosen["learning_rate"] == 3e-4 and chosen["score"] == 0.5
+    assert chosen["lr_validation"] == {"0.0001": 0.61, "0.0003": 0.68, "0.001": 0.64}
+    runs[1e-3] = run(1e-3, [0.70, 0.66], [0.99, 0.99])  # a tie: the lower rate
+    assert choose_on_validation(runs)[0] == 3e-4
 
 
 def test_budget_curve_plot_is_written(tmp_path):
