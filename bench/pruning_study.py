@@ -89,7 +89,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--skip", default="",
                     help="models not fine-tuned nor reported, e.g. s0 (the random-layer "
                          "student before distillation) when time is short")
-    ap.add_argument("--student-lr", default="",
+    ap.add_argument("--student-lr", default=[],
+                    type=lambda text: [float(x) for x in text.split(",") if x],
                     help="more fine-tuning learning rates for the students, e.g. 3e-4,1e-3: "
                          "each student is fine-tuned at its task's rate and at these, and "
                          "scored at the one with the best mean validation score, per task "
@@ -147,15 +148,14 @@ def main() -> int:
     skipped = {name for name in args.skip.split(",") if name}
     models = {name: folder for name, folder in models.items() if name not in skipped}
     models = {"teacher": str(resolve_model_dir(recipe.teacher.path)), **models}
-    grid = [float(x) for x in args.student_lr.split(",") if x]
-    tag = "-lr-grid" if grid else ""
+    tag = "-lr-grid" if args.student_lr else ""
     results: dict = {}
     t0 = time.perf_counter()
     for task in tasks:  # task-major: a task's comparison is complete before the next
         for name, folder in models.items():
             student = name != "teacher"
             runs = {}
-            for lr in [None, *grid] if student else [None]:  # None: the task's rate
+            for lr in [None, *args.student_lr] if student else [None]:  # None: the task's rate
                 cfg = FinetuneConfig(tasks=[files[task]], save_model="none",
                                      seeds=seeds if student else teacher_seeds,
                                      learning_rate=lr,
@@ -163,7 +163,7 @@ def main() -> int:
                                      min_steps=args.min_steps or None)
                 where = out / "finetune" / (f"lr-{lr:g}" if lr else "") / name / task
                 runs[lr] = quality.finetuned(folder, files[task], where, cfg, log)
-            _, res = choose_on_validation(runs)
+            res = choose_on_validation(runs)
             results.setdefault(name, {})[task] = res
             log.info("%s on %s: %.4f +- %.4f (lr %s)", name, task, res["score"],
                      res["score_std"], res["learning_rate"])
@@ -178,10 +178,10 @@ def main() -> int:
     return 0
 
 
-def choose_on_validation(runs: dict) -> tuple:
+def choose_on_validation(runs: dict) -> dict:
     """The fine-tuning run (of one model on one task) at the learning rate whose seeds'
-    mean validation score is best, the lower rate on a tie; {lr: result} -> (lr, result),
-    the result carrying ``learning_rate`` (the rate used) and ``lr_validation`` (each
+    mean validation score is best, the lower rate on a tie; {lr: result} -> that result,
+    carrying ``learning_rate`` (the rate used) and ``lr_validation`` (each
     rate's mean validation score), so that the choice is in the summary. Test scores play
     no part."""
     scored = {lr: quality.model_scores(res)["validation_mean"] for lr, res in runs.items()}
@@ -189,7 +189,7 @@ def choose_on_validation(runs: dict) -> tuple:
     best = max(runs, key=lambda lr: (scored[lr], -rate[lr]))
     chosen = {**runs[best], "learning_rate": rate[best],
               "lr_validation": {f"{rate[lr]:g}": round(v, 4) for lr, v in scored.items()}}
-    return best, chosen
+    return chosen
 
 
 def _budget_points(run_dir: Path, budgets: list[float]) -> dict[float, dict]:
@@ -236,7 +236,7 @@ def _summary(args, tasks, budgets, models, points, results, report, timings) -> 
                "seeds": args.seeds, "teacher_seeds": args.teacher_seeds or args.seeds,
                "finetune": {"min_steps": args.min_steps, "max_train": args.max_train,
                             "task_set": args.task_set,
-                            "student_lr": [float(x) for x in args.student_lr.split(",") if x]},
+                            "student_lr": args.student_lr},
                "tasks": tasks, "budgets": budgets, "models": rows, "p_minus_s": p_vs_s,
                "speedup_target": args.speedup_target, "skipped": args.skip,
                "timings": timings}

@@ -108,11 +108,11 @@ def test_student_learning_rate_chosen_on_validation():
 
     runs = {None: run(1e-4, [0.60, 0.62], [0.9, 0.9]), 3e-4: run(3e-4, [0.70, 0.66], [0.5, 0.5]),
             1e-3: run(1e-3, [0.64, 0.64], [0.99, 0.99])}
-    lr, chosen = choose_on_validation(runs)
-    assert lr == 3e-4 and chosen["learning_rate"] == 3e-4 and chosen["score"] == 0.5
+    chosen = choose_on_validation(runs)
+    assert chosen["learning_rate"] == 3e-4 and chosen["score"] == 0.5
     assert chosen["lr_validation"] == {"0.0001": 0.61, "0.0003": 0.68, "0.001": 0.64}
     runs[1e-3] = run(1e-3, [0.70, 0.66], [0.99, 0.99])  # a tie: the lower rate
-    assert choose_on_validation(runs)[0] == 3e-4
+    assert choose_on_validation(runs)["learning_rate"] == 3e-4
 
 
 def test_budget_curve_plot_is_written(tmp_path):
