@@ -18,8 +18,10 @@ paired-bootstrap intervals) on every task; the teacher may get fewer seeds
 (--teacher-seeds: fine-tuning the 12 x 768 teacher is the slow part on a CPU). Writes
 OUT/pruning_study.md (the table), OUT/budget_curve.png, OUT/report/ (finetune's report:
 size, parameters, latency at batch 1 and 32, gaps to the teacher) and prints one JSON
-line with the issue's targets checked. Rerun it and it continues: the runs resume from
-their checkpoints, exports and fine-tunings already done are kept.
+line with the issue's targets checked. Margins with paired intervals: (p) - (s) at each
+budget, and what distillation added to each start, (p@B) - (p0) and (s@B) - (s0). Rerun
+it and it continues: the runs resume from their checkpoints, exports and fine-tunings
+already done are kept.
 
     python bench/pruning_study.py --steps 1400 --save-every 100 [--minutes 15,30,60]
         [--recipe mpnet-6x384-pruned] [--seeds 0,1] [--teacher-seeds 0]
@@ -231,6 +233,12 @@ def _summary(args, tasks, budgets, models, points, results, report, timings) -> 
     p_vs_s = {label: {task: compare_results(results[p][task], results[s][task],
                                             draws=args.draws) for task in tasks}
               for label, (p, s) in pairs.items() if p in results and s in results}
+    # What distillation added to each start: (p@B) - (p0), (s@B) - (s0), seeds paired.
+    gains = {f"{x}@{b:g}": {task: compare_results(results[f"{x}@{b:g}"][task],
+                                                  results[f"{x}0"][task], draws=args.draws)
+                            for task in tasks}
+             for x in ("p", "s") for b in budgets
+             if f"{x}@{b:g}" in results and f"{x}0" in results}
     summary = {"bench": "pruning_study", "recipe": args.recipe, "steps": args.steps,
                "save_every": args.save_every, "s_overrides": S_OVERRIDES + args.s_set,
                "seeds": args.seeds, "teacher_seeds": args.teacher_seeds or args.seeds,
@@ -238,6 +246,7 @@ def _summary(args, tasks, budgets, models, points, results, report, timings) -> 
                             "task_set": args.task_set,
                             "student_lr": args.student_lr},
                "tasks": tasks, "budgets": budgets, "models": rows, "p_minus_s": p_vs_s,
+               "distillation_gain": gains,
                "speedup_target": args.speedup_target, "skipped": args.skip,
                "timings": timings}
     summary["targets"] = targets(summary)

@@ -89,6 +89,10 @@ def markdown_table(summary: dict) -> str:
     for budget, per_task in summary["p_minus_s"].items():
         lines.append(f"| (p) - (s) at {budget} min | "
                      + " | ".join(_interval(per_task[t]) for t in tasks) + " |")
+    for name, per_task in summary.get("distillation_gain", {}).items():
+        row = summary["models"][name]
+        lines.append(f"| {_model_label(name, row)} - ({name[0]}0) | "
+                     + " | ".join(_interval(per_task[t]) for t in tasks) + " |")
     for name, row in summary["models"].items():
         if name != "teacher":
             lines.append(f"| {_model_label(name, row)} - teacher | "

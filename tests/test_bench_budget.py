@@ -63,7 +63,9 @@ def _summary(p_scores: dict, speedup: dict, gap_low: float) -> dict:
                         "tasks": {t: row(0.9 * r / 100, r) for t, r in p_scores.items()}}
     gap = {"diff": 0.05, "ci95": [gap_low, 0.08], "p_a_ahead": 0.99}
     return {"tasks": tasks, "budgets": [60.0], "models": models,
-            "p_minus_s": {"0": {t: gap for t in tasks}, "60": {t: gap for t in tasks}}}
+            "p_minus_s": {"0": {t: gap for t in tasks}, "60": {t: gap for t in tasks}},
+            "distillation_gain": {"p@60": {t: {"diff": -0.01, "ci95": [-0.03, 0.01]}
+                                           for t in tasks}}}
 
 
 def test_targets_and_table():
@@ -77,6 +79,7 @@ def test_targets_and_table():
     table = markdown_table(summary)
     assert "| (p) 58.7 min (step 580) |" in table and "| (p0) not distilled |" in table
     assert "| (p) - (s) at 60 min | +5.00 [+1.00, +8.00] |" in table
+    assert "| (p) 58.7 min (step 580) - (p0) | -1.00 [-3.00, +1.00] |" in table
     assert "86.40 ± 1.00 (96.0%) [84.4, 88.4]" in table
     assert "learning rate" not in table
     summary["finetune"] = {"student_lr": [3e-4, 1e-3]}  # --student-lr: the table says so
