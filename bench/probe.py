@@ -10,7 +10,13 @@ with the task's own metric on test (validation when there is none):
   subset: a 1,000-sentence POS split has ~20k words, and the fit's cost grows with them).
   A word cut off by max_length gets the fill tag, as in fine-tuning's predictions.
 
-Used by bench/quality.py (one fit per model and task, no seeds).
+Used by bench/quality.py (one fit per model and task, no seeds), and from the command line
+on any encoder's layers (``layer`` k: the hidden states after layer k, what the encoder
+cut to its first k layers returns; 0 is the embeddings): where along the depth does a
+teacher carry what a task needs? One JSON line, {task: {layer: probe result}}:
+
+    python bench/probe.py MODEL --tasks oanc_pos,movie_sentiment --layers 2,3,4,5,6
+        [--max-train 600]
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ def probe_data(task_name: str, cfg):
     return data, hp
 
 
-def _features(encoder, tokenizer, data, examples, hp):
+def _features(encoder, tokenizer, data, examples, hp, layer: int | None = None):
     """(rows (n, width) as numpy, the split's EncodedSplit): mean-pooled per example, or
-    one row per kept word (its first sub-word) for a token task, in example order."""
+    one row per kept word (its first sub-word) for a token task, in example order; from
+    the last hidden states, or those after ``layer`` (0: the embeddings)."""
     import numpy as np
     import torch
 
@@ -52,7 +59,10 @@ def _features(encoder, tokenizer, data, examples, hp):
         idx = list(range(start, min(start + 64, len(split))))
         batch = collate(split, idx, pad_id, with_targets=False)
         with torch.no_grad():
-            hidden = encoder(**batch).last_hidden_state  # (batch, width, hidden)
+            if layer is None:
+                hidden = encoder(**batch).last_hidden_state  # (batch, width, hidden)
+            else:
+                hidden = encoder(**batch, output_hidden_states=True).hidden_states[layer]
         if split.word_starts is None:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             rows.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
@@ -92,10 +102,11 @@ def _subsample(x, y: list, limit: int, seed: int):
     return x[keep], [y[i] for i in keep]
 
 
-def probe(model_dir: str, task_data, c_grid=C_GRID, max_token_rows: int = MAX_TOKEN_ROWS
-          ) -> dict:
-    """Fit the probe of ``model_dir`` on ``task_data`` (``probe_data``'s result):
-    {"C", "validation", "test", "rows"} (scores as fractions, rows: training rows fitted)."""
+def probe(model_dir: str, task_data, c_grid=C_GRID, max_token_rows: int = MAX_TOKEN_ROWS,
+          layer: int | None = None) -> dict:
+    """Fit the probe of ``model_dir`` on ``task_data`` (``probe_data``'s result), on its
+    last hidden states or those after ``layer``: {"C", "validation", "test", "rows"}
+    (scores as fractions, rows: training rows fitted)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -106,16 +117,20 @@ def probe(model_dir: str, task_data, c_grid=C_GRID, max_token_rows: int = MAX_TO
     task = data.task
     tokenizer = load_tokenizer(Path(model_dir), task)
     encoder = load_encoder(Path(model_dir))
+    depth = encoder.config.num_hidden_layers
+    if layer is not None and not 0 <= layer <= depth:
+        raise ValueError(f"layer={layer}: {model_dir} has layers 1..{depth} (0: the "
+                         f"embeddings); pick one of those")
 
     def scorer(examples):
         """clf -> the task metric on ``examples`` (their features taken once)."""
-        x, split = _features(encoder, tokenizer, data, examples, hp)
+        x, split = _features(encoder, tokenizer, data, examples, hp, layer)
         x = scaler.transform(x)
         gold = [ex.label for ex in examples]
         return lambda clf: task_metrics(task.type, gold, _predicted(
             data, split, clf.predict(x).tolist()))[task.metric]
 
-    x_train, split = _features(encoder, tokenizer, data, data.train, hp)
+    x_train, split = _features(encoder, tokenizer, data, data.train, hp, layer)
     y_train = _targets(data, data.train, split)
     x_train, y_train = _subsample(x_train, y_train, max_token_rows, task.split.seed)
     scaler = StandardScaler().fit(x_train)
@@ -129,7 +144,44 @@ def probe(model_dir: str, task_data, c_grid=C_GRID, max_token_rows: int = MAX_TO
             best = (val, c, clf)
     val, c, clf = best
     test = scorer(data.test)(clf) if data.test is not None else val
-    log.info("probe %s on %s: C=%g, validation %.4f, test %.4f (%d training rows)",
-             model_dir, task.name, c, val, test, len(y_train))
+    log.info("probe %s%s on %s: C=%g, validation %.4f, test %.4f (%d training rows)",
+             model_dir, "" if layer is None else f" layer {layer}", task.name, c, val, test,
+             len(y_train))
     return {"C": c, "validation": round(float(val), 4), "test": round(float(test), 4),
             "rows": len(y_train)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from distill_common.assets import resolve_model_dir
+    from distill_common.logs import setup_logging
+    from finetune.config import FinetuneConfig
+
+    ap = argparse.ArgumentParser(description="Frozen-feature probe of an encoder's layers")
+    ap.add_argument("model", help="a model folder or an asset name, e.g. minilm_l6")
+    ap.add_argument("--tasks", required=True, help="task names or task YAML files")
+    ap.add_argument("--layers", default="",
+                    help="layers to probe, e.g. 2,3,4,5,6 (0: embeddings; default: last)")
+    ap.add_argument("--max-train", type=int, default=600,
+                    help="training examples (the quality benchmark's cap; 0 = all)")
+    args = ap.parse_args(argv)
+    setup_logging()
+    model_dir = str(resolve_model_dir(args.model))
+    layers = [int(k) for k in args.layers.split(",") if k] or [None]
+    out = {}
+    for task in [t for t in args.tasks.split(",") if t]:
+        cfg = FinetuneConfig(tasks=[task], max_train_examples=args.max_train or None)
+        task_data = probe_data(task, cfg)
+        out[task] = {"last" if k is None else str(k): probe(model_dir, task_data, layer=k)
+                     for k in layers}
+    print(json.dumps({"bench": "probe", "model": model_dir, "max_train": args.max_train,
+                      "tasks": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

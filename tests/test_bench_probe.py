@@ -56,3 +56,42 @@ def test_sentence_task_is_probed_on_pooled_features(tmp_path, encoder_dir):
     result = probe(str(encoder_dir), (data, hp), c_grid=(0.1, 1.0))
     assert result["rows"] == len(data.train)  # one row per example
     assert result["test"] > 0.6  # chance is 1/3
+
+
+def test_a_layer_is_probed_as_the_encoder_cut_there(tmp_path, encoder_dir, capsys):
+    """layer=k reads the hidden states after layer k: the features of the encoder cut to
+    its first k layers; the last layer is the default; a layer it lacks is refused; the
+    command line prints one JSON line per model with every task and layer."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from finetune.loading import load_encoder, load_tokenizer
+    from probe import _features, main, probe, probe_data
+
+    pd.DataFrame(classification_rows(120)).to_csv(tmp_path / "topics.csv", index=False)
+    task = write_task(tmp_path, "topics", "name: topics\nsource: {path: topics.csv}\n"
+                                          "columns: {text: sentence, label: topic}\n")
+    data, hp = probe_data(str(task), finetune_cfg())
+    encoder, tok = load_encoder(encoder_dir), load_tokenizer(encoder_dir, data.task)
+    depth = encoder.config.num_hidden_layers
+    assert depth >= 2
+    last, _ = _features(encoder, tok, data, data.train[:20], hp)
+    assert np.allclose(_features(encoder, tok, data, data.train[:20], hp, depth)[0], last)
+    first, _ = _features(encoder, tok, data, data.train[:20], hp, 1)
+    cut = load_encoder(encoder_dir)
+    cut.encoder.layer = torch.nn.ModuleList(list(cut.encoder.layer)[:1])
+    cut.config.num_hidden_layers = 1
+    assert np.allclose(_features(cut, tok, data, data.train[:20], hp)[0], first, atol=1e-6)
+    assert not np.allclose(first, last)
+    with pytest.raises(ValueError, match=f"has layers 1..{depth}"):
+        probe(str(encoder_dir), (data, hp), layer=depth + 1)
+
+    assert main([str(encoder_dir), "--tasks", str(task), "--layers", f"0,{depth}",
+                 "--max-train", "60"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["bench"] == "probe" and line["max_train"] == 60
+    scores = line["tasks"][str(task)]
+    assert set(scores) == {"0", str(depth)} and scores[str(depth)]["rows"] == 60
