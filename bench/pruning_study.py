@@ -27,7 +27,7 @@ already done are kept.
         [--recipe mpnet-6x384-pruned] [--seeds 0,1] [--teacher-seeds 0]
         [--tasks bbc_news,wiki_topic,movie_sentiment,oanc_pos] [--task-set T:K=V]
         [--min-steps 150] [--max-train 0] [--s-set KEY=VALUE] [--out runs/pruning]
-        [--speedup-target 5] [--skip s0] [--student-lr 3e-4,1e-3] [--distil-only]
+        [--speedup-target 5] [--skip s0] [--student-lr 3e-4,1e-3] [--runs p,s] [--distil-only]
 
 --student-lr 3e-4,1e-3 also fine-tunes each student at those learning rates and scores it,
 per task, at the rate whose seeds' mean validation score is best (a small student learns
@@ -99,6 +99,10 @@ def _args() -> argparse.Namespace:
                          "(the teacher keeps its task's rate); the report, table and plot "
                          "are written apart (OUT/report-lr-grid/, OUT/summary-lr-grid.json, "
                          "...) beside those of the task's rate")
+    ap.add_argument("--runs", default="p,s",
+                    help="the runs to distil and score: p,s (default), or p alone for one "
+                         "more budget point of (p) when there is not time for both (the "
+                         "(p) - (s) margins are then left out)")
     ap.add_argument("--distil-only", action="store_true",
                     help="stop after the runs, the initial students and the exports")
     return ap.parse_args()
@@ -120,6 +124,10 @@ def main() -> int:
               quality.holdout_override([files[t] for t in tasks], out),
               f"prep.output_dir={out / 'shards'}", *args.extra]
     runs = {"p": [], "s": [*S_OVERRIDES, *args.s_set]}
+    wanted = [name for name in args.runs.split(",") if name]
+    if not wanted or set(wanted) - set(runs):
+        raise SystemExit(f"--runs {args.runs!r}: give p,s or p or s")
+    runs = {name: overrides for name, overrides in runs.items() if name in wanted}
     timings, models, points = {}, {}, {}
     for name, overrides in runs.items():
         t0 = time.perf_counter()
@@ -240,6 +248,7 @@ def _summary(args, tasks, budgets, models, points, results, report, timings) -> 
              for x in ("p", "s") for b in budgets
              if f"{x}@{b:g}" in results and f"{x}0" in results}
     summary = {"bench": "pruning_study", "recipe": args.recipe, "steps": args.steps,
+               "runs": [name for name in args.runs.split(",") if name],
                "save_every": args.save_every, "s_overrides": S_OVERRIDES + args.s_set,
                "seeds": args.seeds, "teacher_seeds": args.teacher_seeds or args.seeds,
                "finetune": {"min_steps": args.min_steps, "max_train": args.max_train,

@@ -20,7 +20,12 @@ def targets(summary: dict) -> dict:
     retention = {t: final["tasks"][t]["retention_pct"] for t in summary["tasks"]}
     speedup = {b: final["speedup"].get(f"cpu_{b}") for b in ("b1", "b32")}
     speedup_target = summary.get("speedup_target", SPEEDUP_TARGET)
-    beats = {t: summary["p_minus_s"][budget][t]["ci95"][0] > 0 for t in summary["tasks"]}
+    # (p) against (s) at the largest budget both were scored at (a run of (p) alone,
+    # `--runs p`, has no margins: None).
+    margins = summary["p_minus_s"]
+    versus = max(margins, key=float) if margins else None
+    beats = {t: margins[versus][t]["ci95"][0] > 0 for t in summary["tasks"]} \
+        if versus is not None else {}
     return {
         "at_minutes": final["minutes"],
         "retention_pct": retention,
@@ -32,9 +37,20 @@ def targets(summary: dict) -> dict:
         "speedup": speedup,
         "speedup_target": speedup_target,
         "speedup_ok": all(s is not None and s >= speedup_target for s in speedup.values()),
+        "p_beats_s_at_minutes": float(versus) if versus is not None else None,
         "p_beats_s_ci95": beats,
-        "p_beats_s_ok": any(beats.values()),
+        "p_beats_s_ok": any(beats.values()) if versus is not None else None,
     }
+
+
+def _beats_line(t: dict) -> str:
+    if t["p_beats_s_ok"] is None:
+        return "(p) against (s): not measured ((s) was not run)."
+    at = t.get("p_beats_s_at_minutes")
+    where = f" at {at:g} min" if at is not None and at != t["at_minutes"] else ""
+    won = ", ".join(k for k, v in t["p_beats_s_ci95"].items() if v) or "none"
+    return (f"(p) beats (s){where} with an interval above zero on at least one task: "
+            f"**{t['p_beats_s_ok']}** ({won}).")
 
 
 def _pts(value: float) -> str:
@@ -103,7 +119,5 @@ def markdown_table(summary: dict) -> str:
               f"{RETENTION_TARGET_PCT:g}% on every task: **{t['retention_ok']}** "
               f"({', '.join(f'{k} {v:.1f}%' for k, v in t['retention_pct'].items())}); "
               f"speed-up >= {t['speedup_target']:g}x at b1 and b32: **{t['speedup_ok']}** "
-              f"({t['speedup']['b1']}x / {t['speedup']['b32']}x); (p) beats (s) with an "
-              f"interval above zero on at least one task: **{t['p_beats_s_ok']}** "
-              f"({', '.join(k for k, v in t['p_beats_s_ci95'].items() if v) or 'none'})."]
+              f"({t['speedup']['b1']}x / {t['speedup']['b32']}x); " + _beats_line(t)]
     return "\n".join(lines) + "\n"

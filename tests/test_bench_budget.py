@@ -98,6 +98,27 @@ def test_targets_and_table():
         {**slow, "targets": targets(slow)})
 
 
+def test_targets_with_p_alone_or_s_at_a_smaller_budget():
+    """`--runs p`: no (s), so no margins and the target is not measured (None, not
+    False); (s) scored only at a smaller budget: compared there, and the table says so."""
+    from pruning_table import markdown_table, targets
+
+    alone = _summary({"sst": 96.0}, {"cpu_b1": 5.9, "cpu_b32": 6.7}, 0.01)
+    alone["p_minus_s"] = {}
+    for name in ("s0", "s@60"):
+        del alone["models"][name]
+    t = alone["targets"] = targets(alone)
+    assert t["p_beats_s_ok"] is None and t["p_beats_s_at_minutes"] is None
+    assert t["retention_ok"] and t["speedup_ok"]
+    assert "(p) against (s): not measured ((s) was not run)." in markdown_table(alone)
+    earlier = _summary({"sst": 96.0}, {"cpu_b1": 5.9, "cpu_b32": 6.7}, 0.01)
+    earlier["p_minus_s"] = {"0": earlier["p_minus_s"]["0"],
+                            "30": {"sst": {"diff": 0.03, "ci95": [0.01, 0.05]}}}
+    t = earlier["targets"] = targets(earlier)
+    assert t["p_beats_s_ok"] and t["p_beats_s_at_minutes"] == 30.0
+    assert "(p) beats (s) at 30 min with an interval above zero" in markdown_table(earlier)
+
+
 def test_student_learning_rate_chosen_on_validation():
     """--student-lr: each student's rate is the one of the best mean validation score
     (the lower on a tie); the test scores play no part."""
