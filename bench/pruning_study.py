@@ -114,6 +114,9 @@ def main() -> int:
     setup_logging()
     log = logging.getLogger("bench.pruning_study")
 
+    wanted = [name for name in args.runs.split(",") if name]
+    if not wanted or set(wanted) - {"p", "s"}:
+        raise SystemExit(f"--runs {args.runs!r}: give p,s (both runs), p or s")
     out = (ROOT / args.out).resolve()
     tasks = [t for t in args.tasks.split(",") if t]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -123,11 +126,8 @@ def main() -> int:
     shared = [*quality.finetune_overrides([files[t] for t in tasks], seeds),
               quality.holdout_override([files[t] for t in tasks], out),
               f"prep.output_dir={out / 'shards'}", *args.extra]
-    runs = {"p": [], "s": [*S_OVERRIDES, *args.s_set]}
-    wanted = [name for name in args.runs.split(",") if name]
-    if not wanted or set(wanted) - set(runs):
-        raise SystemExit(f"--runs {args.runs!r}: give p,s or p or s")
-    runs = {name: overrides for name, overrides in runs.items() if name in wanted}
+    overrides_of = {"p": [], "s": [*S_OVERRIDES, *args.s_set]}
+    runs = {name: overrides_of[name] for name in ("p", "s") if name in wanted}
     timings, models, points = {}, {}, {}
     for name, overrides in runs.items():
         t0 = time.perf_counter()
