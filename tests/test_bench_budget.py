@@ -147,3 +147,15 @@ def test_budget_curve_plot_is_written(tmp_path):
               "(s)": {"sst": [{"minutes": 0, "score": 0.5, "ci95": None}]}}
     path = plot_budget_curve(curves, {"sst": 0.85}, tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_unknown_run_is_refused_before_anything_is_written(tmp_path):
+    import subprocess
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "pruning_study.py"
+    out = tmp_path / "study"
+    done = subprocess.run([sys.executable, str(bench), "--runs", "p,x", "--steps", "1",
+                           "--save-every", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "--runs 'p,x': give p,s (both runs), p or s" in done.stderr
+    assert not out.exists()
