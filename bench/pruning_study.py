@@ -99,7 +99,8 @@ def _args() -> argparse.Namespace:
                          "(the teacher keeps its task's rate); the report, table and plot "
                          "are written apart (OUT/report-lr-grid/, OUT/summary-lr-grid.json, "
                          "...) beside those of the task's rate")
-    ap.add_argument("--runs", default="p,s",
+    ap.add_argument("--runs", default=["p", "s"],
+                    type=lambda text: [x for x in text.split(",") if x],
                     help="the runs to distil and score: p,s (default), or p alone for one "
                          "more budget point of (p) when there is not time for both (the "
                          "(p) - (s) margins are then left out)")
@@ -114,9 +115,8 @@ def main() -> int:
     setup_logging()
     log = logging.getLogger("bench.pruning_study")
 
-    wanted = [name for name in args.runs.split(",") if name]
-    if not wanted or set(wanted) - {"p", "s"}:
-        raise SystemExit(f"--runs {args.runs!r}: give p,s (both runs), p or s")
+    if not args.runs or set(args.runs) - {"p", "s"}:
+        raise SystemExit(f"--runs {','.join(args.runs)!r}: give p,s (both runs), p or s")
     out = (ROOT / args.out).resolve()
     tasks = [t for t in args.tasks.split(",") if t]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -127,7 +127,7 @@ def main() -> int:
               quality.holdout_override([files[t] for t in tasks], out),
               f"prep.output_dir={out / 'shards'}", *args.extra]
     overrides_of = {"p": [], "s": [*S_OVERRIDES, *args.s_set]}
-    runs = {name: overrides_of[name] for name in ("p", "s") if name in wanted}
+    runs = {name: overrides_of[name] for name in ("p", "s") if name in args.runs}
     timings, models, points = {}, {}, {}
     for name, overrides in runs.items():
         t0 = time.perf_counter()
@@ -248,7 +248,7 @@ def _summary(args, tasks, budgets, models, points, results, report, timings) -> 
              for x in ("p", "s") for b in budgets
              if f"{x}@{b:g}" in results and f"{x}0" in results}
     summary = {"bench": "pruning_study", "recipe": args.recipe, "steps": args.steps,
-               "runs": [name for name in args.runs.split(",") if name],
+               "runs": args.runs,
                "save_every": args.save_every, "s_overrides": S_OVERRIDES + args.s_set,
                "seeds": args.seeds, "teacher_seeds": args.teacher_seeds or args.seeds,
                "finetune": {"min_steps": args.min_steps, "max_train": args.max_train,

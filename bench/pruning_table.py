@@ -46,8 +46,8 @@ def targets(summary: dict) -> dict:
 def _beats_line(t: dict) -> str:
     if t["p_beats_s_ok"] is None:
         return "(p) against (s): not measured ((s) was not run)."
-    at = t.get("p_beats_s_at_minutes")
-    where = f" at {at:g} min" if at is not None and at != t["at_minutes"] else ""
+    at = t["p_beats_s_at_minutes"]
+    where = f" at {at:g} min" if at != t["at_minutes"] else ""
     won = ", ".join(k for k, v in t["p_beats_s_ci95"].items() if v) or "none"
     return (f"(p) beats (s){where} with an interval above zero on at least one task: "
             f"**{t['p_beats_s_ok']}** ({won}).")
