@@ -61,6 +61,19 @@ def distill_cli(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def variant_shards(shards: Path, suffix: str, extra_a: list[str]) -> Path:
+    """Where (a) reads its shards: the shared ones, unless its overrides change prep (a
+    variant distilled on another corpus), which then get their own folder beside them,
+    so that the shared shards (and (b), calibrated on them for a pruned recipe) stay as
+    they are."""
+    if any(item.split("=", 1)[0].strip().startswith("prep.") for item in extra_a):
+        if not suffix:
+            raise SystemExit("--set-a prep.*: name the variant (--variant NAME); its shards "
+                             "go to OUT/shards-NAME, the shared OUT/shards stay as they are")
+        return shards.with_name(shards.name + suffix)
+    return shards
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="demo")
@@ -125,8 +138,9 @@ def main() -> int:
     # (a) distilled: prep (holding out the tasks' evaluation text) + pretrain + export.
     t0 = time.perf_counter()
     suffix = f"-{args.variant}" if args.variant else ""
-    a_overrides = [f"output_dir={out}/a{suffix}", f"prep.output_dir={shards}", *common,
-                   *args.extra_a]
+    a_overrides = [f"output_dir={out}/a{suffix}",
+                   f"prep.output_dir={variant_shards(shards, suffix, args.extra_a)}",
+                   *common, *args.extra_a]
     distill_cli("run", args.recipe, *a_overrides, "--stages", "prep,pretrain,export",
                 "--cluster", args.cluster)
     timings["a_prep_pretrain_s"] = round(time.perf_counter() - t0, 1)

@@ -42,12 +42,21 @@ def register(sub, add_recipe_args) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     import warnings
 
-    job = args.load_recipe().pretrain_job()
-    from distill_pretrain.train import run_pretrain
+    from distill_pretrain.stop import StopSignal
 
-    # torch.distributed's deprecation notices, raised from inside DeepSpeed, once per call.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    result = run_pretrain(job)
+    # First: a SIGTERM from here on (during setup too) stops at the next step boundary,
+    # every rank with a checkpoint, rather than killing this rank mid-setup.
+    stop = StopSignal()
+    try:
+        job = args.load_recipe().pretrain_job()
+        from distill_pretrain.train import run_pretrain
+
+        # torch.distributed's deprecation notices, raised from inside DeepSpeed, once per
+        # call.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+        result = run_pretrain(job)
+    finally:
+        stop.restore()
     if result.stopped:  # SIGTERM: checkpoint saved; 143 = 128 + SIGTERM, as if killed
         return 143
     if result.rank != 0:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from distill_common.tracking import Metrics
 from distill_pretrain.engine import current_lr, global_grad_norm
 from distill_pretrain.evaluate import evaluate
 from distill_pretrain.step import Interval, MicroStep, PhaseClock, draw_step
+from distill_pretrain.stop import StopSignal
 from distill_pretrain.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -62,39 +61,6 @@ class LoopOutcome:
     final_eval: dict[str, float]
     stopped: bool
     """Stopped by SIGTERM before max_steps (a checkpoint was saved)."""
-
-
-_STOP = threading.Event()
-
-
-def request_stop() -> None:
-    """Ask the running loop to checkpoint and stop before its next step (what SIGTERM
-    does); callable from any thread, e.g. a Ray Train worker's own signal handling."""
-    _STOP.set()
-
-
-class StopSignal:
-    """Remembers a SIGTERM instead of dying mid-step; the loop checks it collectively.
-    The handler can only be installed from the main thread; a loop in another thread
-    (Ray Train) relies on whoever owns the main thread calling ``request_stop``."""
-
-    def __init__(self):
-        _STOP.clear()
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: _STOP.set())
-            # A process started from a thread that blocks SIGTERM (Ray's worker threads do)
-            # inherits the block, and the signal would stay pending forever.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-    @staticmethod
-    def is_set() -> bool:
-        return _STOP.is_set()
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
 
 
 class _FaultHook:

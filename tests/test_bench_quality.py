@@ -53,3 +53,19 @@ def test_task_row_with_a_teacher_of_fewer_seeds():
     assert row["teacher"]["per_seed"] == [1.0]
     assert row["a_distilled"]["retention_pct"] == 92.5
     assert row["a_minus_b"] == 0.4 and row["a_vs_b"]["ci95"][0] > 0
+
+
+def test_a_variant_on_another_corpus_gets_its_own_shards(tmp_path):
+    """--set-a prep.sources=...: the variant prepares into OUT/shards-NAME, so the shared
+    shards (which (b) of a pruned recipe is calibrated on) are not overwritten; other
+    overrides share them; a prep override without a variant name is refused."""
+    import pytest
+    from quality import variant_shards
+
+    shards = tmp_path / "shards"
+    assert variant_shards(shards, "-lw", ["train.lr=1e-4"]) == shards
+    assert variant_shards(shards, "", []) == shards
+    assert variant_shards(shards, "-rt", ["train.lr=1e-4", "prep.sources=[bbc_news]"]) \
+        == tmp_path / "shards-rt"
+    with pytest.raises(SystemExit, match="--variant NAME"):
+        variant_shards(shards, "", ["prep.sources=[bbc_news]"])

@@ -121,6 +121,35 @@ def test_a_signal_around_a_save_loses_nothing(tmp_path, assets, reference, signa
     _same_curve(out, reference, 12)
 
 
+def test_a_sigterm_during_setup_stops_at_step_0_with_a_checkpoint(tmp_path, assets,
+                                                                  reference):
+    """SIGTERM after the output folder is locked and before the first step (teacher,
+    student and engine still being built: where Slurm's early signal lands when setup is
+    slow) is remembered: setup finishes, step 0 is saved, the exit is 143, and the same
+    command resumes to the uninterrupted run's curve."""
+    from distill_common.folder_lock import LOCK_NAME
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", assets, out, max_steps=12, save_every=4,
+                          keep_last=3, **STEADY)
+    proc = _start(_single(recipe))
+    try:
+        _wait_for(out / "pretrain" / LOCK_NAME, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = proc.stderr.read()
+    assert code == 143, log[-3000:]
+    assert "stopped by SIGTERM at step 0" in log, log[-3000:]
+    assert _checkpoints(out) == ["step-00000000"] and _steps_logged(out) == 0
+    resumed = run(_single(recipe))
+    _check_ok(resumed)
+    assert "resumed from" in resumed.stderr
+    _same_curve(out, reference, 12)
+
+
 def test_a_resume_with_gradient_accumulation_is_exact(tmp_path, assets):
     settings = dict(max_steps=8, save_every=0, grad_accum_steps=2, **STEADY)
     whole = tmp_path / "whole"
