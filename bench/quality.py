@@ -127,20 +127,20 @@ def main() -> int:
     teacher_seeds = [int(s) for s in (args.teacher_seeds or args.seeds).split(",")]
     tasks = [t for t in args.tasks.split(",") if t]
     held = [t for t in args.holdout_tasks.split(",") if t] or tasks
+    shards = out / "shards"
+    suffix = f"-{args.variant}" if args.variant else ""
+    a_shards = variant_shards(shards, suffix, args.extra_a)  # refused before any file
     files = task_files(sorted(set(tasks) | set(held)), args.task_set, out / "tasks")
     common = [*finetune_overrides([files[t] for t in tasks], seeds),
               holdout_override([files[t] for t in held], out), *args.extra]
     if args.steps:
         common.append(f"train.max_steps={args.steps}")
-    shards = out / "shards"
     timings = {}
 
     # (a) distilled: prep (holding out the tasks' evaluation text) + pretrain + export.
     t0 = time.perf_counter()
-    suffix = f"-{args.variant}" if args.variant else ""
-    a_overrides = [f"output_dir={out}/a{suffix}",
-                   f"prep.output_dir={variant_shards(shards, suffix, args.extra_a)}",
-                   *common, *args.extra_a]
+    a_overrides = [f"output_dir={out}/a{suffix}", f"prep.output_dir={a_shards}", *common,
+                   *args.extra_a]
     distill_cli("run", args.recipe, *a_overrides, "--stages", "prep,pretrain,export",
                 "--cluster", args.cluster)
     timings["a_prep_pretrain_s"] = round(time.perf_counter() - t0, 1)
