@@ -25,7 +25,8 @@ already done are kept.
 
     python bench/pruning_study.py --steps 1400 --save-every 100 [--minutes 15,30,60]
         [--recipe mpnet-6x384-pruned] [--seeds 0,1] [--teacher-seeds 0]
-        [--tasks bbc_news,wiki_topic,movie_sentiment,oanc_pos] [--task-set T:K=V]
+        [--tasks bbc_news,wiki_topic,movie_sentiment,oanc_pos] [--holdout-tasks ...]
+        [--task-set T:K=V]
         [--min-steps 150] [--max-train 0] [--s-set KEY=VALUE] [--out runs/pruning]
         [--speedup-target 5] [--skip s0] [--student-lr 3e-4,1e-3] [--runs p,s] [--distil-only]
 
@@ -74,6 +75,10 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--teacher-seeds", default="", help="default: --seeds")
     ap.add_argument("--tasks", default=TASKS)
+    ap.add_argument("--holdout-tasks", default="",
+                    help="tasks whose validation and test texts the shards hold out "
+                         "(default: --tasks); give the full list when --tasks is a subset, "
+                         "so that the run can be continued with more tasks on its shards")
     ap.add_argument("--task-set", dest="task_set", action="append", default=[],
                     help="TASK:KEY=VALUE, as in bench/quality.py")
     ap.add_argument("--min-steps", type=int, default=150)
@@ -109,6 +114,17 @@ def _args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def study_inputs(tasks: list[str], held: list[str], task_set: list[str], seeds: list[int],
+                 out: Path) -> tuple[dict[str, str], list[str]]:
+    """Each task's recipe file (--tasks and --holdout-tasks) and the overrides both runs
+    share: the fine-tuning tasks and seeds, the held-out evaluation text of `held`
+    (OUT/holdout.txt, written here) and the shards' folder."""
+    files = quality.task_files(sorted(set(tasks) | set(held)), task_set, out / "tasks")
+    return files, [*quality.finetune_overrides([files[t] for t in tasks], seeds),
+                   quality.holdout_override([files[t] for t in held], out),
+                   f"prep.output_dir={out / 'shards'}"]
+
+
 def main() -> int:
     args = _args()
     from distill_common.logs import setup_logging
@@ -122,10 +138,9 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     teacher_seeds = [int(s) for s in (args.teacher_seeds or args.seeds).split(",")]
     budgets = [float(m) for m in args.minutes.split(",")]
-    files = quality.task_files(tasks, args.task_set, out / "tasks")
-    shared = [*quality.finetune_overrides([files[t] for t in tasks], seeds),
-              quality.holdout_override([files[t] for t in tasks], out),
-              f"prep.output_dir={out / 'shards'}", *args.extra]
+    held = [t for t in args.holdout_tasks.split(",") if t] or tasks
+    files, shared = study_inputs(tasks, held, args.task_set, seeds, out)
+    shared += args.extra
     overrides_of = {"p": [], "s": [*S_OVERRIDES, *args.s_set]}
     runs = {name: overrides_of[name] for name in ("p", "s") if name in args.runs}
     timings, models, points = {}, {}, {}

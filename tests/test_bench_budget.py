@@ -159,3 +159,36 @@ def test_unknown_run_is_refused_before_anything_is_written(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "--runs 'p,x': give p,s (both runs), p or s" in done.stderr
     assert not out.exists()
+
+
+
+def test_holdout_tasks_hold_out_more_than_the_tasks_fine_tuned(tmp_path):
+    """--holdout-tasks: a study fine-tuned on a subset of the tasks still keeps every
+    listed task's evaluation text out of its shards (the same shards as the full study);
+    by default only --tasks' text is held out."""
+    import pandas as pd
+
+    from pruning_study import study_inputs
+
+    tasks = {}
+    for name, word in (("rivers", "river"), ("songs", "song")):
+        rows = [{"text": f"{word} number {i} is {'good' if i % 2 else 'bad'}",
+                 "label": i % 2} for i in range(100)]
+        pd.DataFrame(rows).to_csv(tmp_path / f"{name}.csv", index=False)
+        tasks[name] = tmp_path / f"{name}.yaml"
+        tasks[name].write_text(f"name: {name}\nsource: {{path: {name}.csv}}\n"
+                               "columns: {text: text, label: label}\n")
+
+    def held_out(tasks_, held, out):
+        files, shared = study_inputs([str(tasks[t]) for t in tasks_],
+                                     [str(tasks[t]) for t in held], [], [0], out)
+        assert set(files) == {str(tasks[t]) for t in {*tasks_, *held}}
+        assert f"prep.holdout={out / 'holdout.txt'}" in shared
+        assert f"finetune.tasks=[{tasks['rivers']}]" in shared  # fine-tuned: --tasks only
+        lines = (out / "holdout.txt").read_text().splitlines()
+        return lines[0], set(lines[1:])
+
+    header, both = held_out(["rivers"], ["rivers", "songs"], tmp_path / "both")
+    assert "rivers, songs" in header and len(both) == 40  # 20% of each task: val + test
+    header, alone = held_out(["rivers"], ["rivers"], tmp_path / "one")
+    assert "songs" not in header and len(alone) == 20 and alone < both
