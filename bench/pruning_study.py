@@ -114,17 +114,6 @@ def _args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def study_inputs(tasks: list[str], held: list[str], task_set: list[str], seeds: list[int],
-                 out: Path) -> tuple[dict[str, str], list[str]]:
-    """Each task's recipe file (--tasks and --holdout-tasks) and the overrides both runs
-    share: the fine-tuning tasks and seeds, the held-out evaluation text of `held`
-    (OUT/holdout.txt, written here) and the shards' folder."""
-    files = quality.task_files(sorted(set(tasks) | set(held)), task_set, out / "tasks")
-    return files, [*quality.finetune_overrides([files[t] for t in tasks], seeds),
-                   quality.holdout_override([files[t] for t in held], out),
-                   f"prep.output_dir={out / 'shards'}"]
-
-
 def main() -> int:
     args = _args()
     from distill_common.logs import setup_logging
@@ -139,8 +128,8 @@ def main() -> int:
     teacher_seeds = [int(s) for s in (args.teacher_seeds or args.seeds).split(",")]
     budgets = [float(m) for m in args.minutes.split(",")]
     held = [t for t in args.holdout_tasks.split(",") if t] or tasks
-    files, shared = study_inputs(tasks, held, args.task_set, seeds, out)
-    shared += args.extra
+    files, shared = quality.task_inputs(tasks, held, args.task_set, seeds, out)
+    shared += [f"prep.output_dir={out / 'shards'}", *args.extra]
     overrides_of = {"p": [], "s": [*S_OVERRIDES, *args.s_set]}
     runs = {name: overrides_of[name] for name in ("p", "s") if name in args.runs}
     timings, models, points = {}, {}, {}

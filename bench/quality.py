@@ -130,9 +130,8 @@ def main() -> int:
     shards = out / "shards"
     suffix = f"-{args.variant}" if args.variant else ""
     a_shards = variant_shards(shards, suffix, args.extra_a)  # refused before any file
-    files = task_files(sorted(set(tasks) | set(held)), args.task_set, out / "tasks")
-    common = [*finetune_overrides([files[t] for t in tasks], seeds),
-              holdout_override([files[t] for t in held], out), *args.extra]
+    files, common = task_inputs(tasks, held, args.task_set, seeds, out)
+    common += args.extra
     if args.steps:
         common.append(f"train.max_steps={args.steps}")
     timings = {}
@@ -271,6 +270,17 @@ def finetune_overrides(task_paths: list[str], seeds: list[int]) -> list[str]:
     """The recipe overrides that name the fine-tuning tasks and seeds."""
     return ["finetune.tasks=[" + ",".join(task_paths) + "]",
             "finetune.seeds=[" + ",".join(map(str, seeds)) + "]"]
+
+
+def task_inputs(tasks: list[str], held: list[str], task_set: list[str], seeds: list[int],
+                out: Path) -> tuple[dict[str, str], list[str]]:
+    """Each task's recipe file (of `tasks` and `held`) and the overrides that fine-tune on
+    `tasks` with `seeds` and hold the evaluation text of `held` out of the shards
+    (OUT/holdout.txt, written here): a run on a subset of the tasks that holds out all of
+    them prepares the full run's shards."""
+    files = task_files(sorted(set(tasks) | set(held)), task_set, out / "tasks")
+    return files, [*finetune_overrides([files[t] for t in tasks], seeds),
+                   holdout_override([files[t] for t in held], out)]
 
 
 def holdout_override(task_paths: list[str], out: Path) -> str:

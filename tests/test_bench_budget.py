@@ -161,14 +161,13 @@ def test_unknown_run_is_refused_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
-
 def test_holdout_tasks_hold_out_more_than_the_tasks_fine_tuned(tmp_path):
     """--holdout-tasks: a study fine-tuned on a subset of the tasks still keeps every
     listed task's evaluation text out of its shards (the same shards as the full study);
     by default only --tasks' text is held out."""
     import pandas as pd
 
-    from pruning_study import study_inputs
+    from quality import task_inputs  # what pruning_study.py and quality.py call
 
     tasks = {}
     for name, word in (("rivers", "river"), ("songs", "song")):
@@ -180,8 +179,8 @@ def test_holdout_tasks_hold_out_more_than_the_tasks_fine_tuned(tmp_path):
                                "columns: {text: text, label: label}\n")
 
     def held_out(tasks_, held, out):
-        files, shared = study_inputs([str(tasks[t]) for t in tasks_],
-                                     [str(tasks[t]) for t in held], [], [0], out)
+        files, shared = task_inputs([str(tasks[t]) for t in tasks_],
+                                    [str(tasks[t]) for t in held], [], [0], out)
         assert set(files) == {str(tasks[t]) for t in {*tasks_, *held}}
         assert f"prep.holdout={out / 'holdout.txt'}" in shared
         assert f"finetune.tasks=[{tasks['rivers']}]" in shared  # fine-tuned: --tasks only
