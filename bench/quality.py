@@ -229,7 +229,7 @@ def main() -> int:
 
 REPRESENTATION_OBJECTIVES = ("qkv_relation_kl", "hidden_cosine", "hidden_mse", "attention_kl",
                              "value_relation_kl", "logit_kl", "attention_score_mse",
-                             "embedding_mse")
+                             "embedding_mse", "pooled_embedding")
 
 
 def _task_row(task: str, results: dict, probes: dict | None, draws: int) -> dict:

@@ -256,6 +256,27 @@ class RelationKLConfig(LastLayerConfig):
 
 
 @dataclass
+class PooledEmbeddingConfig(LastLayerConfig):
+    """Sentence-embedding distillation: the student's mean-pooled hidden states against
+    the teacher's (what a sentence-embedding teacher such as all-MiniLM-L6-v2 was trained
+    to produce), pooled over spans of ``span`` positions, so that one 128-token training
+    sequence gives several sentence-length embeddings."""
+    span: int = 32
+    """Positions per pooled span (0: the whole sequence); a span counts when it holds a
+    real token."""
+    loss: str = "cosine"
+    """cosine: 1 - cos(student span embedding, teacher's), the student's projected when
+    widths differ (a pruned student's compared with the teacher channels it kept) |
+    relation: MSE of the two models' in-batch cosine-similarity matrices of the span
+    embeddings (any widths, no projection)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.span >= 0, "span", f"must be >= 0 (0: the whole sequence), got {self.span}")
+        check_choice(self.loss, "loss", ("cosine", "relation"))
+
+
+@dataclass
 class ObjectiveConfig:
     """The distillation objective: a weighted sum of the sections that are set (null or
     absent = off; at least one must be set, checked by validate_recipe). Published mixes
@@ -279,6 +300,8 @@ class ObjectiveConfig:
     """MiniLM: KL of softmax(V V^T / sqrt(d_head)) per head (equal head counts)."""
     qkv_relation_kl: Optional[RelationKLConfig] = None
     """MiniLMv2: KL of Q-Q, K-K, V-V relations with R relation heads (any widths)."""
+    pooled_embedding: Optional[PooledEmbeddingConfig] = None
+    """Sentence embeddings: mean-pooled spans of one layer, cosine or in-batch relations."""
 
     def active(self) -> dict[str, object]:
         """Name -> section of every objective that is on, in declaration order."""

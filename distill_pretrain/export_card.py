@@ -38,6 +38,9 @@ OBJECTIVE_WORDS = {
     "qkv_relation_kl": "KL divergence between {relations} self-attention relations over "
                        "{relation_heads} relation heads, student layer {student_layer} vs "
                        "teacher layer {teacher_layer} (MiniLMv2)",
+    "pooled_embedding": "{loss} loss between mean-pooled span embeddings ({span} positions "
+                        "each, 0: whole sequence) of student layer {student_layer} and "
+                        "teacher layer {teacher_layer} (sentence-embedding distillation)",
 }
 
 

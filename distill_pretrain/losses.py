@@ -137,6 +137,53 @@ def embedding_mse(student_embeddings_projected: torch.Tensor,
     return _token_mse(student_embeddings_projected, teacher_embeddings, mask)
 
 
+# ------------------------------------------------------------ pooled (sentence) embeddings
+
+def span_pool(hidden: torch.Tensor, mask: torch.Tensor,
+              span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the real tokens of each span of ``span`` consecutive positions (0: the
+    whole sequence): (batch * spans, width) embeddings, row b * spans + k for span k of
+    sequence b, and (batch * spans,) weights, 1 for a span with a real token, else 0."""
+    hidden, weights = hidden.float(), mask.to(torch.float32)
+    batch, seq, width = hidden.shape
+    span = span or max(seq, 1)
+    spans = -(-seq // span)
+    if spans * span > seq:  # the last span is short: pad it with non-tokens
+        hidden = F.pad(hidden, (0, 0, 0, spans * span - seq))
+        weights = F.pad(weights, (0, spans * span - seq))
+    weights = weights.reshape(batch, spans, span)
+    counts = weights.sum(-1)
+    summed = (hidden.reshape(batch, spans, span, width) * weights.unsqueeze(-1)).sum(2)
+    pooled = summed / counts.clamp(min=1.0).unsqueeze(-1)
+    return pooled.reshape(batch * spans, width), (counts > 0).to(torch.float32).reshape(-1)
+
+
+def pooled_cosine(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """Mean over the counted spans of 1 - cos(e_s, e_t); (spans, width) each, equal widths
+    (the caller projects the student's)."""
+    cos = F.cosine_similarity(student_pooled.float(), teacher_pooled.float(), dim=-1,
+                              eps=1e-8)
+    return _mean_over(1.0 - cos, weights)
+
+
+def similarity_matrix(pooled: torch.Tensor) -> torch.Tensor:
+    """(spans, spans) cosine similarities of every pair of span embeddings."""
+    unit = F.normalize(pooled.float(), dim=-1, eps=1e-8)
+    with _fp32_matmuls(unit):
+        return unit @ unit.transpose(0, 1)
+
+
+def pooled_relation_mse(student_pooled: torch.Tensor, teacher_similarity: torch.Tensor,
+                        weights: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of distinct counted spans of (cos_s(i, j) - cos_t(i, j))^2: the
+    in-batch similarity structure, whatever the two widths."""
+    pairs = weights[:, None] * weights[None, :]
+    pairs = pairs * (1.0 - torch.eye(pairs.shape[0], device=pairs.device))
+    diff = similarity_matrix(student_pooled) - teacher_similarity.float()
+    return _mean_over(diff * diff, pairs)
+
+
 # ------------------------------------------------------------ attention
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ teacher then runs only as deep as the deepest layer any term needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -24,8 +23,9 @@ from distill_pretrain import losses
 from distill_pretrain.architectures import (Architecture, apply_mlm_head, architecture_of,
                                             embedding_width)
 from distill_pretrain.capture import Captured, CapturePlan, capture, truncated
-from distill_pretrain.config import ObjectiveConfig, RecipeValidationError, fail
+from distill_pretrain.config import ObjectiveConfig, RecipeValidationError
 from distill_pretrain.layer_map import ModelShape, objective_layer_pairs
+from distill_pretrain.objective_checks import check_objective
 from distill_pretrain.objective_outputs import (ObjectiveOutput, StudentOutputs, TeacherOutputs,
                                                 TeacherSide)
 from distill_pretrain.objective_stats import evaluation_stats
@@ -48,6 +48,12 @@ class Term:
 def _scores(cap: Captured, layer: int, heads: int) -> torch.Tensor:
     return losses.attention_scores(cap.query[layer], cap.key[layer], heads,
                                    cap.position_bias.get(layer))
+
+
+def _similarities(hidden: torch.Tensor, mask: torch.Tensor,
+                  span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pooled, weights = losses.span_pool(hidden, mask, span)
+    return losses.similarity_matrix(pooled), weights
 
 
 class DistillationObjective(nn.Module):
@@ -142,6 +148,27 @@ class DistillationObjective(nn.Module):
             "hidden_mse", section.weight,
             target=lambda t, mask: [t.captured.hidden[tl] for _, tl in pairs],
             compute=compute))
+
+    def _add_pooled_embedding(self, section, pairs) -> None:
+        (s_layer, t_layer), = pairs
+        self._capture(student_hidden=[s_layer], teacher_hidden=[t_layer])
+        span = section.span
+        if section.loss == "relation":  # width-free: the teacher's similarities, all channels
+            self.terms.append(Term(
+                "pooled_embedding", section.weight,
+                target=lambda t, mask: _similarities(t.captured.hidden[t_layer], mask, span),
+                compute=lambda s, target, mask, labels: losses.pooled_relation_mse(
+                    losses.span_pool(s.captured.hidden[s_layer], mask, span)[0], *target)))
+            return
+        project = nn.Identity() if self.teacher_channels else self._projection(
+            "pooled_embedding", self.student_shape.hidden_size, self.teacher_shape.hidden_size)
+        self.terms.append(Term(
+            "pooled_embedding", section.weight,
+            target=lambda t, mask: losses.span_pool(
+                kept_channels(t.captured.hidden[t_layer], self.teacher_channels), mask, span),
+            compute=lambda s, target, mask, labels: losses.pooled_cosine(
+                losses.span_pool(project(s.captured.hidden[s_layer]), mask, span)[0],
+                *target)))
 
     def _add_embedding_mse(self, section, _pairs) -> None:
         self._capture(student_hidden=[0], teacher_hidden=[0])
@@ -281,70 +308,3 @@ def build_objective(cfg: ObjectiveConfig, teacher, student_config) -> Distillati
                     student_vocab=student_config.vocab_size, student_pruned=bool(channels))
     return DistillationObjective(cfg, teacher_shape, student_shape, teacher.arch,
                                  student_arch, teacher.has_mlm_head, channels)
-
-
-# ------------------------------------------------------------------ checks
-
-REPRESENTATION_HINT = ("use a representation recipe instead, e.g. configs/minilmv2.yaml "
-                       "(objective.qkv_relation_kl) or configs/minilm.yaml "
-                       "(objective.attention_kl + value_relation_kl), or point teacher.path "
-                       "at a checkpoint with a masked-LM head (e.g. a *ForMaskedLM folder)")
-
-
-def check_objective(cfg: ObjectiveConfig, *, teacher_shape: ModelShape,
-                    student_shape: ModelShape, teacher_has_head: bool,
-                    teacher_folder: Path | str, teacher_vocab: int,
-                    student_vocab: int, student_pruned: bool = False) -> None:
-    """Every active term fits both models (pruned: see prune.py); raises otherwise."""
-    active = cfg.active()
-    if not active:
-        fail("objective", "no objective is set; set at least one section, e.g. "
-                           "objective.qkv_relation_kl.weight=1, or start from configs/*.yaml")
-    if "logit_kl" in active and not teacher_has_head:
-        fail("objective.logit_kl", f"needs the teacher's masked-LM head, but the weights in "
-                                    f"{teacher_folder} have none (a head would be random "
-                                    f"and its soft targets noise); {REPRESENTATION_HINT}")
-    for name in ("logit_kl", "mlm"):
-        if name in active and teacher_vocab != student_vocab:
-            fail(f"objective.{name}", f"teacher vocabulary ({teacher_vocab} in "
-                                       f"{teacher_folder}) and student vocabulary "
-                                       f"({student_vocab}) differ; logits cannot be compared. "
-                                       f"Build the student with the teacher's tokenizer")
-    s_layers, t_layers = student_shape.num_layers, teacher_shape.num_layers
-    for name, pairs in objective_layer_pairs(cfg, s_layers, t_layers).items():
-        low = 0 if name == "embedding_mse" else 1
-        for s, t in pairs:
-            if not low <= s <= s_layers:
-                fail(f"objective.{name}", f"student layer {s} is outside 1..{s_layers} "
-                                           f"(student.num_layers={s_layers})")
-            if not low <= t <= t_layers:
-                fail(f"objective.{name}", f"teacher layer {t} is outside 1..{t_layers} "
-                                           f"(the teacher {teacher_folder} has {t_layers} "
-                                           f"layers)")
-    for name in ("attention_score_mse", "attention_kl", "value_relation_kl"):
-        if name in active and student_shape.num_heads != teacher_shape.num_heads:
-            fail(f"objective.{name}",
-                  f"compares attention per head and needs equal head counts, but the "
-                  f"teacher ({teacher_folder}) has {teacher_shape.num_heads} and the student "
-                  f"{student_shape.num_heads}; set student.num_heads="
-                  f"{teacher_shape.num_heads} if it divides the student width, or use "
-                  f"objective.qkv_relation_kl (MiniLMv2), which works across head counts")
-    if "hidden_cosine" in active and student_shape.hidden_size != teacher_shape.hidden_size \
-            and not student_pruned:
-        fail("objective.hidden_cosine",
-              f"needs equal widths (teacher {teacher_shape.hidden_size}, student "
-              f"{student_shape.hidden_size}) or student.init=pruned; use hidden_mse")
-    relation = cfg.qkv_relation_kl
-    if relation is not None:
-        r = relation.relation_heads
-        for who, width in (("teacher", teacher_shape.hidden_size),
-                           ("student", student_shape.hidden_size)):
-            if width % r:
-                divisors = [d for d in range(1, width + 1)
-                            if teacher_shape.hidden_size % d == 0
-                            and student_shape.hidden_size % d == 0]
-                fail("objective.qkv_relation_kl.relation_heads",
-                      f"{who} width {width} is not divisible by relation_heads={r}; choose "
-                      f"a common divisor of {teacher_shape.hidden_size} and "
-                      f"{student_shape.hidden_size}, e.g. "
-                      f"{[d for d in divisors if d <= 64][-3:]}")

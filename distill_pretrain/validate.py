@@ -3,7 +3,7 @@ validate`, `distill launch`, and first thing in `distill pretrain`): they read t
 teacher's config.json and the names in its weights file, never the weights themselves.
 
 Each check lives beside what it checks (``student.check_student``,
-``objective.check_objective``); this module only runs them against one teacher. Value
+``objective_checks.check_objective``); this module only runs them against one teacher. Value
 ranges and choices that need no model are checked by the config dataclasses.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from distill_pretrain.architectures import ARCHITECTURES
 from distill_pretrain.config import ObjectiveConfig, StudentConfig, TeacherConfig
 from distill_pretrain.layer_map import ModelShape
-from distill_pretrain.objective import check_objective
+from distill_pretrain.objective_checks import check_objective
 from distill_pretrain.student import check_student, student_hf_config
 from distill_pretrain.teacher import has_mlm_head, read_teacher_config
 

@@ -102,6 +102,36 @@ def naive_distribution_kl(xs_s, xs_t, heads_s, heads_t, mask, y_s=None, y_t=None
     return sum(vals) / len(vals)
 
 
+def naive_span_embeddings(h, mask, span):
+    """[(b, k, mean vector)] of every span of ``span`` positions holding a real token."""
+    span = span or h.shape[1]
+    out = []
+    for b in range(h.shape[0]):
+        for k in range(math.ceil(h.shape[1] / span)):
+            real = [i for i in range(k * span, min((k + 1) * span, h.shape[1])) if mask[b, i]]
+            if real:
+                out.append((b, k, [sum(float(h[b, i, f]) for i in real) / len(real)
+                                   for f in range(h.shape[-1])]))
+    return out
+
+
+def _cos(a, c):
+    dot = sum(x * y for x, y in zip(a, c))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in c)))
+
+
+def naive_pooled_cosine(hs, ht, mask, span):
+    es, et = naive_span_embeddings(hs, mask, span), naive_span_embeddings(ht, mask, span)
+    return sum(1 - _cos(a[2], c[2]) for a, c in zip(es, et)) / len(es)
+
+
+def naive_pooled_relation(hs, ht, mask, span):
+    es, et = naive_span_embeddings(hs, mask, span), naive_span_embeddings(ht, mask, span)
+    vals = [(_cos(es[i][2], es[j][2]) - _cos(et[i][2], et[j][2])) ** 2
+            for i in range(len(es)) for j in range(len(es)) if i != j]
+    return sum(vals) / len(vals)
+
+
 # ------------------------------------------------------------------ inputs
 
 
@@ -140,6 +170,27 @@ def test_hidden_cosine_and_mse_match_formula():
         naive_token_mse(x["hs"], x["ht"], mask), rel=1e-5)
 
 
+@pytest.mark.parametrize("span", [0, 2, 3])
+def test_pooled_embedding_losses_match_formula(span):
+    """Spans of 2 and 3 positions over 5 (the last one short) and the whole sequence;
+    the second sequence's padding leaves a span with no real token, which does not count.
+    The relation compares a width-8 student with a width-12 teacher."""
+    x, mask = _inputs(), _mask()
+    pooled, weights = losses.span_pool(x["hs"], mask, span)
+    naive = naive_span_embeddings(x["hs"], mask, span)
+    spans = math.ceil(S / (span or S))
+    assert pooled.shape == (B * spans, 8) and weights.sum().item() == len(naive)
+    for b, k, vector in naive:
+        assert pooled[b * spans + k].tolist() == pytest.approx(vector, rel=1e-5)
+    teacher = losses.span_pool(x["ht"], mask, span)
+    assert losses.pooled_cosine(pooled, *teacher).item() == pytest.approx(
+        naive_pooled_cosine(x["hs"], x["ht"], mask, span), rel=1e-5)
+    wide, wide_weights = losses.span_pool(x["ht_wide"], mask, span)
+    got = losses.pooled_relation_mse(pooled, losses.similarity_matrix(wide), wide_weights)
+    assert got.item() == pytest.approx(naive_pooled_relation(x["hs"], x["ht_wide"], mask, span),
+                                       rel=1e-5)
+
+
 def test_attention_losses_match_formula():
     x, mask, heads = _inputs(), _mask(), 2
     s_scores = losses.attention_scores(x["qs"], x["ks"], heads)
@@ -173,6 +224,7 @@ def _all_losses(x, mask):
     """name -> loss(student tensors) for the properties shared by every loss."""
     heads = 2
     t_scores = losses.attention_scores(x["qt"], x["kt"], heads)
+    teacher_similarity = losses.similarity_matrix(losses.span_pool(x["ht_wide"], mask, 2)[0])
     return {
         "hidden_cosine": lambda s: losses.hidden_cosine(s["hs"], x["ht"], mask),
         "hidden_mse": lambda s: losses.hidden_mse(s["hs"], x["ht"], mask),
@@ -185,6 +237,11 @@ def _all_losses(x, mask):
             losses.attention_scores(s["qs"], s["ks"], heads), t_scores, mask),
         "value_relation_kl": lambda s: losses.value_relation_kl(s["vs"], x["qt"], heads, mask),
         "relation_kl": lambda s: losses.relation_kl(s["qs"], x["xt_wide"], 4, mask),
+        "pooled_cosine": lambda s: losses.pooled_cosine(
+            losses.span_pool(s["hs"], mask, 2)[0], *losses.span_pool(x["ht"], mask, 2)),
+        "pooled_relation": lambda s: losses.pooled_relation_mse(
+            losses.span_pool(s["hs"], mask, 2)[0], teacher_similarity,
+            losses.span_pool(x["ht_wide"], mask, 2)[1]),
     }
 
 
@@ -194,6 +251,8 @@ def test_zero_when_student_equals_teacher():
     for name, fn in _all_losses(x, mask).items():
         if name == "relation_kl":
             value = losses.relation_kl(x["xt_wide"], x["xt_wide"], 4, mask)
+        elif name == "pooled_relation":
+            value = fn(dict(same, hs=x["ht_wide"]))
         else:
             value = fn(same)
         assert abs(value.item()) < 1e-6, name

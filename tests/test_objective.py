@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from distill_pretrain import losses
 from distill_pretrain.architectures import layer_list
 from distill_pretrain.config import (LastLayerConfig, LayerMapConfig, LogitKLConfig,
-                                     MLMConfig, ObjectiveConfig, RecipeValidationError,
-                                     RelationKLConfig, StudentConfig, TeacherConfig,
-                                     WeightOnlyConfig)
+                                     MLMConfig, ObjectiveConfig, PooledEmbeddingConfig,
+                                     RecipeValidationError, RelationKLConfig, StudentConfig,
+                                     TeacherConfig, WeightOnlyConfig)
 from distill_pretrain.distill_module import DistillModule
 from distill_pretrain.layer_map import resolve_layer, uniform_pairs
 from distill_pretrain.objective import build_objective
@@ -26,7 +26,8 @@ from distill_pretrain.teacher import load_teacher
 EVERYTHING = dict(hidden_cosine=LastLayerConfig(), hidden_mse=LayerMapConfig(),
                   attention_score_mse=LayerMapConfig(), embedding_mse=WeightOnlyConfig(),
                   attention_kl=LastLayerConfig(), value_relation_kl=LastLayerConfig(),
-                  qkv_relation_kl=RelationKLConfig(relation_heads=8))
+                  qkv_relation_kl=RelationKLConfig(relation_heads=8),
+                  pooled_embedding=PooledEmbeddingConfig(span=5))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,8 @@ def test_zero_loss_when_student_equals_teacher(teacher):
         assert abs(value.item()) < 1e-5, name
     assert set(out.parts) == {"logit_kl", "hidden_cosine", "hidden_mse", "attention_score_mse",
                               "embedding_mse", "attention_kl", "value_relation_kl",
-                              "qq_relation_kl", "kk_relation_kl", "vv_relation_kl"}
+                              "qq_relation_kl", "kk_relation_kl", "vv_relation_kl",
+                              "pooled_embedding"}
     assert out.stats["agreement_sum"] == out.stats["agreement_count"] == 5
 
 
@@ -118,7 +120,8 @@ def test_gradients_reach_student_and_projections_never_teacher(teacher):
     module = DistillModule(student, objective)
     names = {n for n, _ in module.named_parameters()}
     assert {"objective.projections.hidden_mse.weight",
-            "objective.projections.embedding_mse.weight"} <= names
+            "objective.projections.embedding_mse.weight",
+            "objective.projections.pooled_embedding.weight"} <= names
     ids, mask, labels = _batch(teacher.config.vocab_size)
     teacher_out = objective.teacher_forward(teacher, ids, mask, labels)
     targets = [t for v in teacher_out.targets.values() if v is not None
@@ -130,6 +133,7 @@ def test_gradients_reach_student_and_projections_never_teacher(teacher):
     out.total.backward()
     for name in ("objective.projections.hidden_mse.weight",
                  "objective.projections.embedding_mse.weight",
+                 "objective.projections.pooled_embedding.weight",
                  "student.bert.encoder.layer.0.attention.self.query.weight",
                  "student.bert.encoder.layer.1.attention.self.value.weight",
                  "student.bert.embeddings.word_embeddings.weight"):
@@ -207,6 +211,43 @@ def test_minilmv2_across_head_counts_widths_and_truncation(twelve_head_teacher):
         assert expected.item() > 1e-4  # different models: a real, non-zero loss
 
 
+@pytest.mark.parametrize("loss", ["cosine", "relation"])
+def test_pooled_embedding_against_the_models_own_hidden_states(twelve_head_teacher, loss):
+    """A 24-wide student against the 48-wide teacher's layer 3 of 4 (the teacher runs 3
+    layers), spans of 5 over 12 positions: cosine through a learned projection, relation
+    with none; each equals the loss of the models' own hidden states."""
+    teacher = twelve_head_teacher
+    student = build_student(StudentConfig(num_layers=2, hidden_size=24, num_heads=6), teacher)
+    cfg = ObjectiveConfig(pooled_embedding=PooledEmbeddingConfig(teacher_layer="3", span=5,
+                                                                 loss=loss))
+    objective = build_objective(cfg, teacher, student.config)
+    assert objective.teacher_depth == 3
+    assert set(objective.projections) == ({"pooled_embedding"} if loss == "cosine" else set())
+    module = DistillModule(student, objective).eval()  # no dropout: comparable forwards
+    ids, mask, labels = _batch(60)
+    out = _run(module, objective, teacher, ids, mask, labels)
+    with torch.no_grad():
+        t_hidden = teacher.base(input_ids=ids, attention_mask=mask,
+                                output_hidden_states=True).hidden_states[3]
+        s_hidden = student.base_model(input_ids=ids, attention_mask=mask,
+                                      output_hidden_states=True).hidden_states[2]
+        teacher_pooled, weights = losses.span_pool(t_hidden, mask, 5)
+        if loss == "cosine":
+            student_pooled = losses.span_pool(
+                objective.projections["pooled_embedding"](s_hidden), mask, 5)[0]
+            expected = losses.pooled_cosine(student_pooled, teacher_pooled, weights)
+        else:
+            expected = losses.pooled_relation_mse(losses.span_pool(s_hidden, mask, 5)[0],
+                                                  losses.similarity_matrix(teacher_pooled),
+                                                  weights)
+    assert weights.tolist() == [1, 1, 1, 1, 1, 0, 1, 1, 1]  # 3 x 3 spans; one all padding
+    assert out.parts["pooled_embedding"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert expected.item() > 1e-3
+    out.total.backward()
+    grad = student.base_model.embeddings.word_embeddings.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
 def test_no_logits_unless_needed(headless):
     student = build_student(StudentConfig(num_layers=2), headless)
     cfg = ObjectiveConfig(qkv_relation_kl=RelationKLConfig(relation_heads=4))
@@ -256,6 +297,6 @@ def test_every_family_builds_a_tied_student_and_trains(model_type, tmp_path, tok
     module = DistillModule(student, objective)
     ids, mask, labels = _batch(50)
     out = _run(module, objective, teacher, ids, mask, labels)
-    assert torch.isfinite(out.total) and len(out.parts) == 11
+    assert torch.isfinite(out.total) and len(out.parts) == 12
     out.total.backward()
     assert student.get_input_embeddings().weight.grad.abs().sum() > 0

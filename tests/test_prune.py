@@ -265,9 +265,11 @@ def test_importance_and_student_are_deterministic(teachers):
     assert not all(torch.equal(s1[k], v) for k, v in other.state_dict().items())
 
 
-def test_hidden_cosine_compares_a_narrow_pruned_student_with_the_channels_it_kept(teachers,
-                                                                                  tmp_path):
-    from distill_pretrain.config import LastLayerConfig, ObjectiveConfig
+def test_cosines_compare_a_narrow_pruned_student_with_the_channels_it_kept(teachers, tmp_path):
+    """hidden_cosine per token, pooled_embedding (cosine) per span: against the teacher's
+    kept channels, with no projection."""
+    from distill_pretrain import losses
+    from distill_pretrain.config import LastLayerConfig, ObjectiveConfig, PooledEmbeddingConfig
     from distill_pretrain.distill_module import DistillModule
     from distill_pretrain.objective import build_objective
     from distill_pretrain.prune import TEACHER_CHANNELS_KEY
@@ -276,9 +278,11 @@ def test_hidden_cosine_compares_a_narrow_pruned_student_with_the_channels_it_kep
     cfg = StudentConfig(num_layers=2, hidden_size=24, init="pruned")
     plan = plan_for(cfg, teacher)
     student = build_student(cfg, teacher, calibration=CALIBRATION).eval()
-    objective_cfg = ObjectiveConfig(hidden_cosine=LastLayerConfig(teacher_layer="2"))
+    objective_cfg = ObjectiveConfig(hidden_cosine=LastLayerConfig(teacher_layer="2"),
+                                    pooled_embedding=PooledEmbeddingConfig(teacher_layer="2",
+                                                                           span=4))
     objective = build_objective(objective_cfg, teacher, student.config)
-    assert objective.teacher_channels == plan.hidden
+    assert objective.teacher_channels == plan.hidden and len(objective.projections) == 0
     batch = CALIBRATION[0]
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad():
@@ -288,6 +292,8 @@ def test_hidden_cosine_compares_a_narrow_pruned_student_with_the_channels_it_kep
         t_layer2 = forward(teacher.model, batch).hidden_states[2][..., plan.hidden]
     cos = nn.functional.cosine_similarity(s_last, t_layer2, dim=-1)[mask.bool()]
     torch.testing.assert_close(out.parts["hidden_cosine"], (1 - cos).mean())
+    torch.testing.assert_close(out.parts["pooled_embedding"], losses.pooled_cosine(
+        losses.span_pool(s_last, mask, 4)[0], *losses.span_pool(t_layer2, mask, 4)))
     student.save_pretrained(tmp_path / "s")  # the channels travel with the student
     from transformers import AutoConfig
     assert getattr(AutoConfig.from_pretrained(tmp_path / "s"), TEACHER_CHANNELS_KEY) == \

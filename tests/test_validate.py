@@ -11,7 +11,7 @@ import pytest
 from distill_common.config import ConfigError, load_config
 from distill_pretrain.config import RecipeValidationError
 from distill_pretrain.layer_map import ModelShape
-from distill_pretrain.objective import check_objective
+from distill_pretrain.objective_checks import check_objective
 from launcher.recipe import Recipe, validate_recipe
 
 QKV = ["objective.qkv_relation_kl.relation_heads=8"]
@@ -131,6 +131,8 @@ def test_unknown_teacher_and_unsupported_family(tmp_path, tiny_teacher_nohead_di
     ("objective.qkv_relation_kl.relations=[qq,xx]", "objective.qkv_relation_kl.relations"),
     ("objective.hidden_mse.layer_map=pairs", "objective.hidden_mse.pairs"),
     ("objective.mlm.weight=0", "objective.mlm.weight"),
+    ("objective.pooled_embedding.span=-1", "objective.pooled_embedding.span"),
+    ("objective.pooled_embedding.loss=l2", "objective.pooled_embedding.loss"),
     ("student.init=copy", "student.init"),
     ("teacher.dtype=float8", "teacher.dtype"),
 ])
