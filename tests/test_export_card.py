@@ -79,3 +79,20 @@ def test_card_quotes_the_speed_ups_of_a_report(tmp_path, tiny_teacher_nohead_dir
     card = (out / "README.md").read_text()
     assert "speed-up over the teacher (CPU, batch 1): 1.91x" in card
     assert "speed-up over the teacher (CPU, batch 32): 1.94x" in card
+
+
+def test_every_objective_has_words_on_the_card():
+    """A new objective (ObjectiveConfig field) without OBJECTIVE_WORDS would print its bare
+    name on the card; each one's words fill from its own section's defaults."""
+    from dataclasses import asdict, fields
+
+    from distill_pretrain import config
+    from distill_pretrain.export_card import OBJECTIVE_WORDS, _objective_lines
+
+    names = [f.name for f in fields(config.ObjectiveConfig)]
+    assert sorted(OBJECTIVE_WORDS) == sorted(names)
+    hints = {f.name: f.type for f in fields(config.ObjectiveConfig)}
+    for name in names:
+        section_type = getattr(config, re.search(r"\[(\w+)\]", hints[name]).group(1))
+        line, = _objective_lines({name: asdict(section_type())})
+        assert "{" not in line and "?" not in line, line
