@@ -162,7 +162,7 @@ def main() -> int:
         t0 = time.perf_counter()
         c_overrides = [f"output_dir={out}/c", f"prep.output_dir={shards}", *common,
                        "student.init=random", "student.embedding_init=random",
-                       *[f"objective.{name}=null" for name in REPRESENTATION_OBJECTIVES],
+                       *[f"objective.{name}=null" for name in representation_objectives()],
                        "objective.mlm.weight=1.0"]
         distill_cli("run", args.recipe, *c_overrides, "--stages", "prep,pretrain,export",
                     "--cluster", args.cluster)
@@ -227,9 +227,12 @@ def main() -> int:
     return 0
 
 
-REPRESENTATION_OBJECTIVES = ("qkv_relation_kl", "hidden_cosine", "hidden_mse", "attention_kl",
-                             "value_relation_kl", "logit_kl", "attention_score_mse",
-                             "embedding_mse", "pooled_embedding")
+def representation_objectives() -> list[str]:
+    """Every objective but the student's own MLM: what (c), MLM only, switches off."""
+    from dataclasses import fields
+
+    from distill_pretrain.config import ObjectiveConfig
+    return [f.name for f in fields(ObjectiveConfig) if f.name != "mlm"]
 
 
 def _task_row(task: str, results: dict, probes: dict | None, draws: int) -> dict:

@@ -56,6 +56,14 @@ def _similarities(hidden: torch.Tensor, mask: torch.Tensor,
     return losses.similarity_matrix(pooled), weights
 
 
+def _pooled(project: nn.Module, hidden: torch.Tensor, mask: torch.Tensor,
+            span: int) -> torch.Tensor:
+    """The student's span embeddings, projected after pooling (the projection is affine,
+    so this equals pooling the projected tokens, on far fewer rows)."""
+    pooled = losses.span_pool(hidden, mask, span)[0]
+    return project(pooled.to(hidden.dtype))
+
+
 class DistillationObjective(nn.Module):
     """The recipe's weighted sum of losses; holds the trainable projections."""
 
@@ -167,8 +175,7 @@ class DistillationObjective(nn.Module):
             target=lambda t, mask: losses.span_pool(
                 kept_channels(t.captured.hidden[t_layer], self.teacher_channels), mask, span),
             compute=lambda s, target, mask, labels: losses.pooled_cosine(
-                losses.span_pool(project(s.captured.hidden[s_layer]), mask, span)[0],
-                *target)))
+                _pooled(project, s.captured.hidden[s_layer], mask, span), *target)))
 
     def _add_embedding_mse(self, section, _pairs) -> None:
         self._capture(student_hidden=[0], teacher_hidden=[0])
