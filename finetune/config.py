@@ -134,6 +134,11 @@ class ReportConfig:
     """Untimed forward passes before timing."""
     latency_repeats: int = 10
     """Timed forward passes; the median is reported."""
+    latency_interleave: bool = True
+    """Load every model at once and alternate their timed CPU runs (one forward of each
+    per round), so that a machine whose load changes during the report slows every model
+    alike and the speed-ups stay true; false: one model after the other, one loaded at a
+    time (less memory)."""
     threads: Optional[int] = None
     """CPU threads for every model's latency run (the same for all); None = torch's
     default at the start of the report."""

@@ -3,6 +3,13 @@
 Latency is of the bare encoder (``AutoModel``: what every task head sits on) on
 full-length sequences of random in-vocabulary ids, median over timed runs after
 warm-up, at a fixed thread count so that models are compared like for like.
+
+A speed-up is a ratio of two medians. Timed one model after the other, a machine whose
+load drifts (shared cores, another job starting) puts the drift into the ratio: on a
+2-core machine the same 12 x 768 teacher timed 176 ms at batch 1 in one run and 268 in
+the next, its student 34-37 in both. ``measure_all`` therefore loads every model first
+and interleaves their timed runs (one forward of each, in a rotating order, per round),
+so that each median is taken over the same stretch of time.
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -70,38 +78,113 @@ def time_forward(model, vocab_size: int, batch: int, seq_len: int, warmup: int,
 
 def measure(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, warmup: int,
             repeats: int, threads: int, gpu: bool, progress=None) -> dict:
-    """Parameters, size on disk and latency rows for one model folder; ``progress``
-    (distill_common.progress.Progress) moves one unit per latency row."""
+    """Parameters, size on disk and latency rows for one model folder, its timed runs
+    back to back; ``progress`` (distill_common.progress.Progress) moves one unit per
+    latency row."""
     tick = progress.update if progress is not None else (lambda n=1: None)
     model = load_encoder(model_dir)
-    vocab = model.config.vocab_size
-    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len) - 2)
+    with _threads(threads):
+        cpu = [_ticked(tick, time_forward(model, model.config.vocab_size, b,
+                                          _seq_len(model, seq_len), warmup, repeats,
+                                          torch.device("cpu")))
+               for b in batch_sizes]
+    out = _describe(model, model_dir, threads, cpu)
+    if gpu:
+        out.update(_gpu_rows(model, batch_sizes, seq_len, warmup, repeats, tick))
+    del model
+    return out
+
+
+def measure_all(model_dirs: Mapping[str, Path], batch_sizes: Sequence[int], seq_len: int,
+                warmup: int, repeats: int, threads: int, gpu: bool, *,
+                interleave: bool = True, progress=None) -> dict[str, dict]:
+    """``measure`` for every model, name -> its row. ``interleave``: every model is
+    loaded at once and their CPU runs alternate (``time_interleaved``), so that a
+    machine's changing load falls on all of them alike; else one model at a time (less
+    memory: one model loaded at a time). GPU runs are per model either way."""
+    if not interleave:
+        return {name: measure(folder, batch_sizes, seq_len, warmup, repeats, threads, gpu,
+                              progress)
+                for name, folder in model_dirs.items()}
+    tick = progress.update if progress is not None else (lambda n=1: None)
+    models = {name: load_encoder(folder) for name, folder in model_dirs.items()}
+    with _threads(threads):
+        cpu = time_interleaved(models, batch_sizes, seq_len, warmup, repeats, tick)
+    out = {}
+    for name, model in models.items():
+        out[name] = _describe(model, model_dirs[name], threads, cpu[name])
+        if gpu:
+            out[name].update(_gpu_rows(model, batch_sizes, seq_len, warmup, repeats, tick))
+    return out
+
+
+@torch.inference_mode()
+def time_interleaved(models: Mapping[str, torch.nn.Module], batch_sizes: Sequence[int],
+                     seq_len: int, warmup: int, repeats: int,
+                     tick: Callable[[int], None] = lambda n=1: None) -> dict[str, list[dict]]:
+    """CPU latency rows of several loaded models, name -> rows as ``time_forward``'s.
+    Per batch size: each model's ``warmup`` untimed forwards, then ``repeats`` rounds
+    of one timed forward of every model, each round starting one model further along
+    (no model always runs right after the same other one)."""
+    names = list(models)
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    for batch in batch_sizes:
+        calls = {}
+        for name, model in models.items():
+            inputs = _inputs(model.config.vocab_size, batch, _seq_len(model, seq_len), "cpu")
+            calls[name] = (lambda m=model, x=inputs: m(**x))
+        for name in names:
+            for _ in range(warmup):
+                calls[name]()
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for round_ in range(repeats):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                calls[name]()
+                times[name].append((time.perf_counter() - start) * 1000)
+        for name in names:
+            rows[name].append(_latency_row(batch, _seq_len(models[name], seq_len),
+                                           times[name]))
+        tick(len(names))
+    return rows
+
+
+def _seq_len(model, seq_len: int) -> int:
+    """The requested length, or the longest the model's positions allow."""
+    return min(seq_len, getattr(model.config, "max_position_embeddings", seq_len + 2) - 2)
+
+
+@contextmanager
+def _threads(threads: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cpu = [_ticked(tick, time_forward(model, vocab, b, seq_len, warmup, repeats,
-                                          torch.device("cpu")))
-               for b in batch_sizes]
+        yield
     finally:
         torch.set_num_threads(previous)
-    out = {"parameters": count_parameters(model), "size_bytes": weights_bytes(model_dir),
-           "architecture": (model.config.architectures or [type(model).__name__])[0],
-           "layers": getattr(model.config, "num_hidden_layers", None),
-           "hidden": getattr(model.config, "hidden_size", None),
-           "cpu_threads": threads, "cpu": cpu, "gpu": None}
-    if gpu:
-        device = torch.device("cuda")
-        # What a GPU serves: bf16 weights where the card has bf16, else fp16.
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        model.to(device, dtype=dtype)
-        out["gpu"] = [_ticked(tick, time_forward(model, vocab, b, seq_len, warmup, repeats,
-                                                 device))
-                      for b in batch_sizes]
-        out["gpu_name"] = torch.cuda.get_device_name(device)
-        out["gpu_dtype"] = str(dtype).removeprefix("torch.")
-        model.to("cpu")
-    del model
-    return out
+
+
+def _describe(model, model_dir: Path, threads: int, cpu: list[dict]) -> dict:
+    return {"parameters": count_parameters(model), "size_bytes": weights_bytes(model_dir),
+            "architecture": (model.config.architectures or [type(model).__name__])[0],
+            "layers": getattr(model.config, "num_hidden_layers", None),
+            "hidden": getattr(model.config, "hidden_size", None),
+            "cpu_threads": threads, "cpu": cpu, "gpu": None}
+
+
+def _gpu_rows(model, batch_sizes: Sequence[int], seq_len: int, warmup: int, repeats: int,
+              tick) -> dict:
+    device = torch.device("cuda")
+    # What a GPU serves: bf16 weights where the card has bf16, else fp16.
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model.to(device, dtype=dtype)
+    rows = [_ticked(tick, time_forward(model, model.config.vocab_size, b,
+                                       _seq_len(model, seq_len), warmup, repeats, device))
+            for b in batch_sizes]
+    model.to("cpu")
+    return {"gpu": rows, "gpu_name": torch.cuda.get_device_name(device),
+            "gpu_dtype": str(dtype).removeprefix("torch.")}
 
 
 def _ticked(tick, row: dict) -> dict:

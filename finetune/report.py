@@ -1,7 +1,8 @@
 """The comparison report: what each student kept (score, retention) and what it saved
 (parameters, bytes, latency, speed-up), against the teacher.
 
-``build_report`` measures every model folder the same way (finetune.latency), joins the
+``build_report`` measures every model folder the same way (finetune.latency: the models'
+CPU runs interleaved, so that a changing load falls on all alike), joins the
 fine-tuning results, and writes report.json, report.md and PNG plots: score against size
 and latency with each score's 95% interval as error bars (report_plots), and each
 distilled model's training curves (finetune.curves). Sizes are in MiB (2**20 bytes).
@@ -20,7 +21,7 @@ from distill_common.fsio import atomic_write_json, atomic_write_text
 from finetune.config import ReportConfig
 from distill_common.progress import Progress
 from finetune.curves import find_run_metrics, plot_curves, read_curves
-from finetune.latency import latency_at, measure
+from finetune.latency import latency_at, measure_all
 from finetune.loading import export_record
 from finetune.onnx_report import onnx_section, ort_cells, ort_header
 from finetune.report_notes import distillation_lines, pooler_lines
@@ -107,7 +108,6 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
     threads = cfg.threads or torch.get_num_threads()
     gpu = cfg.gpu == "auto" and torch.cuda.is_available()
     tasks = sorted({t for per_model in results.values() for t in per_model})
-    rows: dict[str, dict] = {}
     folders: dict[str, Path] = {}
     progress = Progress("report latency", unit="runs", total=len(models)
                         * len(cfg.latency_batch_sizes) * (2 if gpu else 1))
@@ -119,15 +119,18 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
         if not (folder / "config.json").is_file():
             raise TaskError(f"report: model {name!r}: {folder} is not a Hugging Face model "
                             f"folder (no config.json)")
-        log.info("report: measuring %s (%s) at %d CPU thread(s)", name, folder, threads)
-        row = measure(folder, cfg.latency_batch_sizes, cfg.latency_seq_len,
-                      cfg.latency_warmup, cfg.latency_repeats, threads, gpu, progress)
+    log.info("report: measuring %s at %d CPU thread(s)%s", ", ".join(folders), threads,
+             ", their runs interleaved" if cfg.latency_interleave else "")
+    rows = measure_all(folders, cfg.latency_batch_sizes, cfg.latency_seq_len,
+                       cfg.latency_warmup, cfg.latency_repeats, threads, gpu,
+                       interleave=cfg.latency_interleave, progress=progress)
+    for name, row in rows.items():
+        folder = folders[name]
         row["path"] = str(folder)
         row["size_mib"] = round(row["size_bytes"] / 2**20, 2)
         row["export"] = export_record(folder)
         row["tasks"] = {t: _task_entry(r, cfg.bootstrap_draws)
                         for t, r in results.get(name, {}).items()}
-        rows[name] = row
     progress.close()
     if cfg.onnx:
         from finetune.onnx_report import add_onnx
@@ -153,6 +156,7 @@ def build_report(models: Mapping[str, "str | Path"], results: Mapping[str, Mappi
     report = {"format_version": FORMAT_VERSION, "teacher": teacher, "tasks": tasks,
               "latency": {"batch_sizes": cfg.latency_batch_sizes, "seq_len": cfg.latency_seq_len,
                           "warmup": cfg.latency_warmup, "repeats": cfg.latency_repeats,
+                          "interleaved": cfg.latency_interleave,
                           "cpu_threads": threads, "statistic": "median",
                           "gpu": torch.cuda.get_device_name() if gpu else None,
                           "cpu_count": os.cpu_count(), "torch": torch.__version__},
@@ -190,9 +194,10 @@ def to_markdown(report: dict) -> str:
     batches = lat["batch_sizes"]
     has_gpu = lat["gpu"] is not None
     teacher = report["teacher"]
-    lines = [f"# Distillation report", "",
+    lines = ["# Distillation report", "",
              f"Teacher: **{teacher}**. Latency: bare encoder forward, {lat['seq_len']} tokens, "
-             f"median of {lat['repeats']} runs after {lat['warmup']} warm-up, "
+             f"median of {lat['repeats']} runs after {lat['warmup']} warm-up"
+             + (", the models' runs interleaved" if lat.get("interleaved") else "") + ", "
              f"{lat['cpu_threads']} CPU thread(s)"
              + (f"; GPU: {lat['gpu']} (bf16)" if has_gpu else "; no GPU") + ".", "",
              "## Size and speed", ""]

@@ -88,13 +88,44 @@ def test_build_report_fields_retention_speedup_and_plots(tmp_path, pair_of_model
 
     out = tmp_path / "rep"
     assert json.loads((out / "report.json").read_text())["teacher"] == "teacher"
+    assert report["latency"]["interleaved"] is True
     md = (out / "report.md").read_text()
+    assert "the models' runs interleaved" in md
     assert "| student |" in md and "90.0%" in md and "81.00 ± 1.00 (n=2)" in md
     assert "Gap to the teacher" in md and "| student | topics | -9.00 | [-" in md
     for png in ("score_vs_size.png", "score_vs_latency.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({png})" in md
+
+
+def test_latency_runs_of_the_models_interleave(pair_of_models):
+    """The models' timed CPU runs alternate, one forward of each per round in a rotating
+    order, after each model's warm-up: a machine whose load changes meanwhile slows all
+    of them alike. One model at a time on request, with rows of the same form."""
+    from finetune.latency import measure_all, time_interleaved
+    from finetune.loading import load_encoder
+
+    models = {name: load_encoder(folder) for name, folder in pair_of_models.items()}
+    order = []
+    for name, model in models.items():
+        model.register_forward_pre_hook(lambda module, args, name=name: order.append(name))
+    rows = time_interleaved(models, [1, 4], 8, warmup=2, repeats=3)
+    warm = ["teacher", "teacher", "student", "student"]
+    rounds = ["teacher", "student", "student", "teacher", "teacher", "student"]
+    assert order == (warm + rounds) * 2
+    for name in models:
+        assert [(r["batch"], r["seq_len"]) for r in rows[name]] == [(1, 8), (4, 8)]
+        assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] for r in rows[name])
+
+    both = {interleave: measure_all(pair_of_models, [1, 4], 8, 1, 2, 1, False,
+                                    interleave=interleave)
+            for interleave in (True, False)}
+    for name in pair_of_models:
+        a, b = both[True][name], both[False][name]
+        assert set(a) == set(b) and a["parameters"] == b["parameters"]
+        assert [r["batch"] for r in a["cpu"]] == [r["batch"] for r in b["cpu"]] == [1, 4]
+        assert a["cpu_threads"] == b["cpu_threads"] == 1 and a["gpu"] is b["gpu"] is None
 
 
 def test_report_gap_needs_kept_predictions(tmp_path, pair_of_models):
