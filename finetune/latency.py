@@ -83,11 +83,9 @@ def measure(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, warmup: i
     latency row."""
     tick = progress.update if progress is not None else (lambda n=1: None)
     model = load_encoder(model_dir)
-    with _threads(threads):
-        cpu = [_ticked(tick, time_forward(model, model.config.vocab_size, b,
-                                          _seq_len(model, seq_len), warmup, repeats,
-                                          torch.device("cpu")))
-               for b in batch_sizes]
+    with _threads(threads):  # one model "interleaved" with none: its runs back to back
+        cpu = time_interleaved({"model": model}, batch_sizes, seq_len, warmup, repeats,
+                               tick)["model"]
     out = _describe(model, model_dir, threads, cpu)
     if gpu:
         out.update(_gpu_rows(model, batch_sizes, seq_len, warmup, repeats, tick))
@@ -134,15 +132,12 @@ def time_interleaved(models: Mapping[str, torch.nn.Module], batch_sizes: Sequenc
             inputs = _inputs(model.config.vocab_size, batch, _seq_len(model, seq_len), "cpu")
             calls[name] = (lambda m=model, x=inputs: m(**x))
         for name in names:
-            for _ in range(warmup):
-                calls[name]()
+            _timed(calls[name], warmup, 0)
         times: dict[str, list[float]] = {name: [] for name in names}
         for round_ in range(repeats):
             shift = round_ % len(names)
             for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                calls[name]()
-                times[name].append((time.perf_counter() - start) * 1000)
+                times[name] += _timed(calls[name], 0, 1)
         for name in names:
             rows[name].append(_latency_row(batch, _seq_len(models[name], seq_len),
                                            times[name]))
