@@ -6,6 +6,13 @@ process group), so that a SIGTERM during setup (Slurm's ``--signal`` lead arrivi
 large teacher loads, a preemption during the rendezvous) lets setup finish and stops at
 step 0 with a checkpoint, instead of killing one rank mid-setup and leaving the others to
 fail in a collective. No torch import here: this module is imported first.
+
+The handler only assigns a flag: no lock. A SIGTERM can arrive while the handler of an
+earlier one is still running (Slurm signals every process of a step and torchrun forwards
+the same signal a moment later), and Python runs the second handler nested inside the
+first; a handler that takes a lock (``threading.Event.set`` does) then waits on itself
+forever, and the other ranks wait on that rank in the next collective until they are
+killed, with no checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from __future__ import annotations
 import signal
 import threading
 
-_STOP = threading.Event()
+_stop_requested = False
+"""Set by SIGTERM or ``request_stop``; reading or assigning a bool needs no lock."""
 _installed: list["StopSignal"] = []
 """The active handlers, outermost first; only the outermost installs and clears."""
 
@@ -21,7 +29,13 @@ _installed: list["StopSignal"] = []
 def request_stop() -> None:
     """Ask the running loop to checkpoint and stop before its next step (what SIGTERM
     does); callable from any thread, e.g. a Ray Train worker's own signal handling."""
-    _STOP.set()
+    global _stop_requested
+    _stop_requested = True
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _stop_requested
+    _stop_requested = True
 
 
 class StopSignal:
@@ -36,16 +50,17 @@ class StopSignal:
         _installed.append(self)
         if not self._outer:
             return
-        _STOP.clear()
+        global _stop_requested
+        _stop_requested = False
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: _STOP.set())
+            self._previous = signal.signal(signal.SIGTERM, _on_sigterm)
             # A process started from a thread that blocks SIGTERM (Ray's worker threads do)
             # inherits the block, and the signal would stay pending forever.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
     @staticmethod
     def is_set() -> bool:
-        return _STOP.is_set()
+        return _stop_requested
 
     def restore(self) -> None:
         if self in _installed:
