@@ -26,14 +26,10 @@ _installed: list["StopSignal"] = []
 """The active handlers, outermost first; only the outermost installs and clears."""
 
 
-def request_stop() -> None:
-    """Ask the running loop to checkpoint and stop before its next step (what SIGTERM
-    does); callable from any thread, e.g. a Ray Train worker's own signal handling."""
-    global _stop_requested
-    _stop_requested = True
-
-
-def _on_sigterm(signum, frame) -> None:
+def request_stop(*_signal_args) -> None:
+    """Ask the running loop to checkpoint and stop before its next step; the SIGTERM
+    handler itself, and callable from any thread (e.g. a Ray Train worker's own signal
+    handling)."""
     global _stop_requested
     _stop_requested = True
 
@@ -53,7 +49,7 @@ class StopSignal:
         global _stop_requested
         _stop_requested = False
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            self._previous = signal.signal(signal.SIGTERM, request_stop)
             # A process started from a thread that blocks SIGTERM (Ray's worker threads do)
             # inherits the block, and the signal would stay pending forever.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})

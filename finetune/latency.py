@@ -81,16 +81,8 @@ def measure(model_dir: Path, batch_sizes: Sequence[int], seq_len: int, warmup: i
     """Parameters, size on disk and latency rows for one model folder, its timed runs
     back to back; ``progress`` (distill_common.progress.Progress) moves one unit per
     latency row."""
-    tick = progress.update if progress is not None else (lambda n=1: None)
-    model = load_encoder(model_dir)
-    with _threads(threads):  # one model "interleaved" with none: its runs back to back
-        cpu = time_interleaved({"model": model}, batch_sizes, seq_len, warmup, repeats,
-                               tick)["model"]
-    out = _describe(model, model_dir, threads, cpu)
-    if gpu:
-        out.update(_gpu_rows(model, batch_sizes, seq_len, warmup, repeats, tick))
-    del model
-    return out
+    return measure_all({"model": model_dir}, batch_sizes, seq_len, warmup, repeats, threads,
+                       gpu, progress=progress)["model"]
 
 
 def measure_all(model_dirs: Mapping[str, Path], batch_sizes: Sequence[int], seq_len: int,
