@@ -203,6 +203,7 @@ MINILM_L6 = dict(model_type="bert", hidden_size=384, num_hidden_layers=6,
     ("mpnet-6x384-pruned", MPNET_BASE, (6, 384, 6, 1536)),
     ("minilm-4x256-pruned", MINILM_L6, (4, 256, 8, 512)),
     ("minilm-3x256-pruned", MINILM_L6, (3, 256, 8, 512)),
+    ("minilm-3x224-pruned", MINILM_L6, (3, 224, 7, 384)),
 ])
 def test_shipped_pruned_recipes_fit_their_teachers(name, shape, student, tmp_path):
     """Checked against a stand-in of the asset (its config.json, weights without an MLM
