@@ -5,8 +5,9 @@ after 0, 15, 30 and 60 minutes of distillation on this machine, size and CPU lat
   (p0) the student pruned out of the teacher, not distilled (`distill init RECIPE`);
   (p)  pruned, then distilled with the recipe (default configs/mpnet-6x384-pruned.yaml),
        one run of --steps steps, its checkpoints nearest each budget exported;
-  (s)  SVD embeddings + random layers (the teacher's layers cannot be copied into a
-       narrower student: student.py supports teacher layers only at the teacher's shape),
+  (s)  SVD embeddings + random layers of (p)'s shape, heads included (an unset num_heads
+       keeps the teacher's head size for any init; the teacher's layers cannot be copied
+       into a narrower student: student.py supports them only at the teacher's shape),
        distilled in a run of the same steps, batch, teacher layer and relation heads
        with the overrides of S_OVERRIDES: no hidden_cosine (it compares the channels a
        pruned student kept, which a random student does not have) and the learning rate

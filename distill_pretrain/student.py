@@ -25,10 +25,8 @@ def student_dims(cfg: StudentConfig, teacher_config, arch: Architecture) -> dict
     hidden = cfg.hidden_size or t_hidden
     if cfg.num_heads is not None:
         heads = cfg.num_heads
-    elif hidden == t_hidden:
-        heads = t_heads
-    elif cfg.init == "pruned" and hidden % (t_hidden // t_heads) == 0:
-        heads = hidden // (t_hidden // t_heads)  # pruning keeps the teacher's head size
+    elif hidden % (t_hidden // t_heads) == 0:
+        heads = hidden // (t_hidden // t_heads)  # the teacher's head size, whatever the init
     else:
         heads = max(1, hidden // 64)
     inter = cfg.intermediate_size or int(round(hidden * t_inter / t_hidden))

@@ -94,6 +94,26 @@ def test_narrow_student_fresh_with_svd_embeddings(tmp_path, tokenizer_dir):
     assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
 
 
+@pytest.mark.parametrize("init", ["random", "pruned", "auto"])
+def test_default_heads_keep_the_teacher_head_size_whatever_the_init(init):
+    """A narrower student with num_heads unset gets the teacher's head size whether it is
+    pruned or random, so a from-scratch baseline has the pruned student's shape (it had
+    hidden // 64 heads: 3 for a 224-wide student of a 32-wide-head teacher, which do not
+    divide 224); a width the teacher's heads do not divide falls back to 64-wide heads."""
+    from transformers import BertConfig
+
+    from distill_pretrain.architectures import architecture_of
+
+    config = BertConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536)
+    arch = architecture_of(config)
+    heads = {hidden: student_dims(StudentConfig(num_layers=3, hidden_size=hidden,
+                                                init=init), config, arch)["num_heads"]
+             for hidden in (384, 256, 224, 200)}
+    assert heads == {384: 12, 256: 8, 224: 7, 200: 3}
+    assert student_dims(StudentConfig(num_layers=3, hidden_size=256, num_heads=4,
+                                      init=init), config, arch)["num_heads"] == 4
+
+
 def test_headless_teacher_gives_fresh_tied_head(headless_teacher):
     student = build_student(StudentConfig(num_layers=2), headless_teacher)
     assert type(student).__name__ == "BertForMaskedLM"
