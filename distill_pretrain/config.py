@@ -53,9 +53,9 @@ class StudentConfig:
     hidden_size: Optional[int] = None
     """Width; default: the teacher's."""
     num_heads: Optional[int] = None
-    """Attention heads; default: the teacher's head size (hidden_size / the teacher's head
-    size) when it divides hidden_size, whatever the init, so a random student and a pruned
-    one of the same width have the same heads; else hidden_size // 64."""
+    """Attention heads; default: heads of the teacher's head size when that size divides
+    hidden_size, whatever the init (a random student and a pruned one of the same width
+    get the same heads); else hidden_size // 64."""
     intermediate_size: Optional[int] = None
     """Feed-forward width; default: the teacher's ratio (usually 4x) times hidden_size."""
     init: str = "auto"

@@ -99,7 +99,8 @@ def test_default_heads_keep_the_teacher_head_size_whatever_the_init(init):
     """A narrower student with num_heads unset gets the teacher's head size whether it is
     pruned or random, so a from-scratch baseline has the pruned student's shape (it had
     hidden // 64 heads: 3 for a 224-wide student of a 32-wide-head teacher, which do not
-    divide 224); a width the teacher's heads do not divide falls back to 64-wide heads."""
+    divide 224); a width the teacher's head size does not divide falls back to
+    hidden_size // 64 heads (refused later when they do not divide it either)."""
     from transformers import BertConfig
 
     from distill_pretrain.architectures import architecture_of
