@@ -156,6 +156,7 @@ def main() -> int:
 
     from finetune import build_report
     from finetune.config import FinetuneConfig, ReportConfig
+    from finetune.train import choose_on_validation
     from launcher.recipe import load_recipe
     from distill_common.assets import resolve_model_dir
 
@@ -191,20 +192,6 @@ def main() -> int:
     (out / f"summary{tag}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0
-
-
-def choose_on_validation(runs: dict) -> dict:
-    """The fine-tuning run (of one model on one task) at the learning rate whose seeds'
-    mean validation score is best, the lower rate on a tie; {lr: result} -> that result,
-    carrying ``learning_rate`` (the rate used) and ``lr_validation`` (each
-    rate's mean validation score), so that the choice is in the summary. Test scores play
-    no part."""
-    scored = {lr: quality.model_scores(res)["validation_mean"] for lr, res in runs.items()}
-    rate = {lr: res["hparams"]["learning_rate"] for lr, res in runs.items()}
-    best = max(runs, key=lambda lr: (scored[lr], -rate[lr]))
-    chosen = {**runs[best], "learning_rate": rate[best],
-              "lr_validation": {f"{rate[lr]:g}": round(v, 4) for lr, v in scored.items()}}
-    return chosen
 
 
 def _budget_points(run_dir: Path, budgets: list[float]) -> dict[float, dict]:

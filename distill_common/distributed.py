@@ -150,6 +150,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """RANK as the launcher set it, 0 without one (the process that writes shared files)."""
+    _environment_from_slurm()
+    return int(os.environ.get("RANK", "0"))
+
+
 def cuda_wanted(requested: str = "auto") -> bool:
     """Whether this process should use a GPU: visible, allowed by ``requested`` and not
     turned off with DS_ACCELERATOR=cpu (which the CPU profiles set)."""

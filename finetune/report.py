@@ -45,7 +45,9 @@ def _task_entry(result: Mapping, draws: int) -> dict:
             "ci95": _score_interval(result, draws),
             "seeds": [r["seed"] for r in result.get("seeds", [])],
             "mean": result.get("mean", {}), "saved_model": result.get("saved_model"),
-            "pooler": result.get("pooler"), "unseen_labels": result.get("unseen_labels")}
+            "pooler": result.get("pooler"), "unseen_labels": result.get("unseen_labels"),
+            "learning_rate": result.get("learning_rate"),
+            "lr_validation": result.get("lr_validation")}
 
 
 def _score_interval(result: Mapping, draws: int) -> Optional[list[float]]:
@@ -233,11 +235,18 @@ def to_markdown(report: dict) -> str:
             for t in report["tasks"]:
                 e = row["tasks"].get(t)
                 cells.append("-" if e is None else
-                             f"{100 * e['score']:.2f} ± {100 * e['std']:.2f} (n={len(e['seeds'])})")
+                             f"{100 * e['score']:.2f} ± {100 * e['std']:.2f} (n={len(e['seeds'])})"
+                             + (f", lr {e['learning_rate']:g}" if e.get("lr_validation") else ""))
             for t in report["tasks"]:
                 e = row["tasks"].get(t)
                 cells.append(_fmt(e and e.get("retention_pct"), ".1f", "%"))
             lines.append("| " + " | ".join(cells) + " |")
+        grids = sorted({rate for row in report["models"].values() for e in row["tasks"].values()
+                        for rate in (e.get("lr_validation") or {})}, key=float)
+        if grids:
+            lines += ["", f"lr: the fine-tuning learning rate, chosen per model and task from "
+                      f"{', '.join(grids)} on the seeds' mean validation score (test scores "
+                      f"play no part)."]
         gaps = [(name, t, row["tasks"][t]["vs_teacher"]) for name, row in report["models"].items()
                 for t in report["tasks"]
                 if t in row["tasks"] and row["tasks"][t].get("vs_teacher")]

@@ -2,9 +2,10 @@
 
 run_task: check model + data (errors before any training) -> tokenize once -> every seed
 (finetune.loop.train_one_seed) -> mean/std over seeds -> results.json and a saved Hugging
-Face folder. run_tasks / run_models: every task of a config, for one model or several,
-with one progress line whose ETA covers all of them (the steps of every model, task and
-seed are planned before the first one starts).
+Face folder; with a learning-rate grid (``learning_rates``), that at each rate, and the
+rate chosen on validation (choose_on_validation). run_tasks / run_models: every task of a
+config, for one model or several, with one progress line whose ETA covers all of them
+(the steps of every model, rate, task and seed are planned before the first one starts).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import logging
 import math
 import statistics
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from distill_common.distributed import init_world, launched_world_size, shutdown
+from distill_common.distributed import (init_world, launched_rank, launched_world_size,
+                                        shutdown)
 from distill_common.fsio import atomic_dir, atomic_write_json
 from distill_common.progress import Progress
 from finetune.config import DEFAULT_HPARAMS, FinetuneConfig, HParams, merge_hparams
@@ -85,6 +87,8 @@ def run_task(model_dir: "str | Path", task: "str | Path | TaskConfig", out_dir: 
     the task's data already read, and the progress line of a larger run."""
     cfg = cfg or FinetuneConfig()
     task = load_task(task, task_overrides)
+    if cfg.learning_rates:
+        return _run_rate_grid(model_dir, task, Path(out_dir), cfg, data, progress)
     model_dir = _model_folder(model_dir)
     hp = resolve_hparams(task, cfg)
     tokenizer = load_tokenizer(model_dir, task)  # errors before reading data or training
@@ -124,6 +128,54 @@ def run_task(model_dir: "str | Path", task: "str | Path | TaskConfig", out_dir: 
         if owns_group:
             shutdown()
         torch.set_num_threads(threads_before)
+
+
+def _run_rate_grid(model_dir, task: TaskConfig, out_dir: Path, cfg: FinetuneConfig,
+                   data: Optional[TaskData], progress: Optional[Progress]) -> dict:
+    """run_task at every rate of ``cfg.learning_rates`` (into ``out_dir/lr-<rate>``), then
+    the result of the rate chosen on validation, written to ``out_dir/results.json``."""
+    hp = resolve_hparams(task, cfg)
+    load_tokenizer(_model_folder(model_dir), task)  # errors before reading data or training
+    data = data if data is not None else _task_data(task, hp)
+    own_progress = progress is None
+    if own_progress:  # one line whose ETA covers every rate
+        progress = Progress(f"finetune {task.name}", unit="steps", total=len(
+            cfg.learning_rates) * planned_steps(data, hp, launched_world_size()))
+    runs = {}
+    try:
+        for rate in cfg.learning_rates:
+            one = dataclasses.replace(cfg, learning_rate=rate, learning_rates=None)
+            runs[rate] = run_task(model_dir, task, out_dir / f"lr-{rate:g}", one, data=data,
+                                  progress=progress)
+    finally:
+        if own_progress:
+            progress.close()
+    chosen = choose_on_validation(runs)
+    if launched_rank() == 0:
+        atomic_write_json(out_dir / "results.json", chosen)
+        log.info("%s on %s: learning rate %g chosen on validation (mean validation %s by "
+                 "rate: %s)", Path(str(model_dir)).name, task.name, chosen["learning_rate"],
+                 task.metric, chosen["lr_validation"])
+    return chosen
+
+
+def validation_mean(result: Mapping[str, Any]) -> float:
+    """The mean over seeds of each seed's best validation score (the task metric)."""
+    return statistics.fmean(float(rec["validation"][result["metric"]])
+                            for rec in result["seeds"])
+
+
+def choose_on_validation(runs: Mapping[Any, dict]) -> dict:
+    """Of the fine-tuning runs of one model on one task at several learning rates ({key:
+    results}), the one whose seeds' mean validation score is best, the lower rate on a
+    tie; returned with ``learning_rate`` (the rate used) and ``lr_validation`` ({rate:
+    mean validation score}), so that the choice can be checked. Test scores play no
+    part."""
+    scored = {key: validation_mean(res) for key, res in runs.items()}
+    rate = {key: float(res["hparams"]["learning_rate"]) for key, res in runs.items()}
+    best = max(runs, key=lambda key: (scored[key], -rate[key]))
+    return {**runs[best], "learning_rate": rate[best],
+            "lr_validation": {f"{rate[key]:g}": round(scored[key], 4) for key in runs}}
 
 
 def _train_seeds(run: TaskRun, tokenizer, save_model: str) -> tuple[list[dict], Optional[Path]]:
@@ -179,8 +231,9 @@ def run_models(models: Mapping[str, "str | Path"], out_dir: "str | Path",
         task = load_task(spec)
         tasks.append((task, _task_data(task, resolve_hparams(task, cfg))))
     world = launched_world_size()
-    total = len(models) * sum(planned_steps(data, resolve_hparams(task, cfg), world)
-                              for task, data in tasks)
+    rates = len(cfg.learning_rates or [None])
+    total = len(models) * rates * sum(planned_steps(data, resolve_hparams(task, cfg), world)
+                                      for task, data in tasks)
     progress = Progress("finetune (all models, tasks and seeds)", total=total, unit="steps")
     results: dict[str, dict[str, dict]] = {}
     try:

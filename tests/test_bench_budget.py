@@ -119,26 +119,6 @@ def test_targets_with_p_alone_or_s_at_a_smaller_budget():
     assert "(p) beats (s) at 30 min with an interval above zero" in markdown_table(earlier)
 
 
-def test_student_learning_rate_chosen_on_validation():
-    """--student-lr: each student's rate is the one of the best mean validation score
-    (the lower on a tie); the test scores play no part."""
-    from pruning_study import choose_on_validation
-
-    def run(lr, validation, test):
-        return {"hparams": {"learning_rate": lr}, "metric": "accuracy",
-                "score_split": "test", "score": sum(test) / len(test), "score_std": 0.0,
-                "seeds": [{"validation": {"accuracy": v}, "test": {"accuracy": t}}
-                          for v, t in zip(validation, test)]}
-
-    runs = {None: run(1e-4, [0.60, 0.62], [0.9, 0.9]), 3e-4: run(3e-4, [0.70, 0.66], [0.5, 0.5]),
-            1e-3: run(1e-3, [0.64, 0.64], [0.99, 0.99])}
-    chosen = choose_on_validation(runs)
-    assert chosen["learning_rate"] == 3e-4 and chosen["score"] == 0.5
-    assert chosen["lr_validation"] == {"0.0001": 0.61, "0.0003": 0.68, "0.001": 0.64}
-    runs[1e-3] = run(1e-3, [0.70, 0.66], [0.99, 0.99])  # a tie: the lower rate
-    assert choose_on_validation(runs)["learning_rate"] == 3e-4
-
-
 def test_budget_curve_plot_is_written(tmp_path):
     from budget_curve import plot_budget_curve
 

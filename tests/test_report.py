@@ -99,6 +99,27 @@ def test_build_report_fields_retention_speedup_and_plots(tmp_path, pair_of_model
         assert f"]({png})" in md
 
 
+def test_report_says_which_learning_rate_a_grid_chose(tmp_path, pair_of_models):
+    """A result fine-tuned over a rate grid (finetune.learning_rates) carries the rate
+    chosen on validation: the report's score cell gives it, and a line says how it was
+    chosen; a result without a grid adds neither."""
+    from finetune.config import ReportConfig
+    from finetune.report import build_report
+
+    student = fake_result(pair_of_models["student"], "topics", 0.81)
+    student.update(learning_rate=1e-3, lr_validation={"0.0001": 0.7, "0.001": 0.8})
+    results = {"teacher": {"topics": fake_result(pair_of_models["teacher"], "topics", 0.90)},
+               "student": {"topics": student}}
+    report = build_report(pair_of_models, results, tmp_path / "rep", "teacher",
+                          ReportConfig(**{**FAST, "plots": False}))
+    entry = report["models"]["student"]["tasks"]["topics"]
+    assert entry["learning_rate"] == 1e-3 and entry["lr_validation"]["0.001"] == 0.8
+    assert report["models"]["teacher"]["tasks"]["topics"]["learning_rate"] is None
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "81.00 ± 1.00 (n=2), lr 0.001 |" in md and "90.00 ± 1.00 (n=2) |" in md
+    assert "chosen per model and task from 0.0001, 0.001 on the seeds' mean validation" in md
+
+
 def test_latency_runs_of_the_models_interleave(pair_of_models):
     """The models' timed CPU runs alternate, one forward of each per round in a rotating
     order, after each model's warm-up: a machine whose load changes meanwhile slows all
