@@ -17,10 +17,15 @@ class DistillModule(nn.Module):
     """Student + objective in one module, so the objective's projections are trained by
     the same (DeepSpeed) optimizer. ``state_dict`` keys: ``student.*``, ``objective.*``."""
 
-    def __init__(self, student: nn.Module, objective: DistillationObjective):
+    def __init__(self, student: nn.Module, objective: DistillationObjective,
+                 eval_mlm: bool = True):
+        """``eval_mlm``: measure the student's MLM accuracy at evaluation when no term
+        needs its logits (a head copied from the teacher); False for a fresh head that
+        no term trains, whose accuracy says nothing."""
         super().__init__()
         self.student = student
         self.objective = objective
+        self.eval_mlm = eval_mlm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor, teacher_out: TeacherOutputs,
@@ -40,7 +45,7 @@ class DistillModule(nn.Module):
                 logit_index = objective.logit_index(attention_mask, labels)
             logits = apply_mlm_head(self.student, arch, rows_at(last, logit_index))
             row_labels = labels.reshape(-1).index_select(0, logit_index)
-        elif not self.training:  # evaluation: MLM accuracy even when no term needs it
+        elif not self.training and self.eval_mlm:  # evaluation: a copied head's accuracy
             with torch.no_grad():
                 masked = labels != -100
                 logits = apply_mlm_head(self.student, arch, last[masked])

@@ -102,9 +102,11 @@ def _pretrain(job: PretrainJob, world: World, manifest: dict) -> TrainResult:
         job.student, teacher, seed=job.seed, world=world,
         calibration=calibration_for(job.student, cfg.data_dir, job.seed))
     adopt_process_group(world, cfg.dist_timeout_min)
-    engine, scheduler = build_engine(
-        EngineModule(student, build_objective(job.objective, teacher, student.config)),
-        cfg, world, precision, load_universal=start.universal)
+    objective = build_objective(job.objective, teacher, student.config)
+    # A fresh MLM head that no term trains has no accuracy worth measuring.
+    eval_mlm = objective.needs_mlm_logits or student_init.get("mlm_head") == "teacher"
+    engine, scheduler = build_engine(EngineModule(student, objective, eval_mlm=eval_mlm),
+                                     cfg, world, precision, load_universal=start.universal)
     objective = engine.module.objective
     checkpoints = ckpt.Checkpointer(
         engine, world, cfg.output_dir, cfg.keep_last,

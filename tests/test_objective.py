@@ -164,6 +164,27 @@ def test_padding_never_counts(headless):
         mask.sum().item()
 
 
+def test_a_fresh_head_no_term_trains_is_not_scored_at_evaluation(headless):
+    """With no term on the student's MLM logits, evaluation scores its head only when
+    asked (eval_mlm: a head copied from the teacher); a fresh untrained head's accuracy
+    (the 0.000 a pruned demo's report showed) is left out, and agreement falls back to
+    the hidden states."""
+    student = build_student(StudentConfig(num_layers=2, hidden_size=32, num_heads=4),
+                            headless)
+    cfg = ObjectiveConfig(hidden_mse=LayerMapConfig())
+    objective = build_objective(cfg, headless, student.config)
+    assert not objective.needs_mlm_logits
+    ids, mask, labels = _batch(headless.config.vocab_size)
+    scored = _run(DistillModule(student, objective).eval(), objective, headless, ids, mask,
+                  labels)
+    assert scored.stats["mlm_count"].item() == (labels != -100).sum().item() > 0
+    unscored = _run(DistillModule(student, objective, eval_mlm=False).eval(), objective,
+                    headless, ids, mask, labels)
+    assert unscored.stats["mlm_count"].item() == 0
+    assert unscored.stats["agreement_count"].item() == mask.sum().item()
+    assert unscored.total.item() == pytest.approx(scored.total.item(), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def twelve_head_teacher(tmp_path_factory, tokenizer_dir):
     from transformers import AutoTokenizer, BertConfig, BertModel

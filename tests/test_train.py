@@ -101,15 +101,17 @@ def zero3_run(tmp_path_factory, assets) -> Path:
     return out
 
 
-def _assert_trained(out: Path) -> None:
+def _assert_trained(out: Path, mlm_scored: bool = True) -> None:
+    """``mlm_scored``: the student's MLM head is trained (or the teacher's), so evaluation
+    scores it; a fresh head that no term trains is not scored."""
     losses = curve(out)
     assert sorted(losses) == list(range(1, 17))
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (14, 15, 16)) / 3
     assert last < 0.97 * first, losses
     evals = curve(out, "eval/mlm_accuracy")
-    assert set(evals) == {8, 16}
+    assert set(evals) == ({8, 16} if mlm_scored else set())
     records = curve(out, "eval/agreement")
-    assert all(0.0 <= v <= 1.0 for v in records.values())
+    assert set(records) == {8, 16} and all(0.0 <= v <= 1.0 for v in records.values())
     ckpts = sorted(p.name for p in (out / "pretrain" / "checkpoints").glob("step-*"))
     assert ckpts[-1] == "step-00000016"
     assert (out / "pretrain" / "checkpoints" / ckpts[-1] / "complete.json").is_file()
@@ -149,7 +151,7 @@ def test_zero2_two_ranks_lowers_the_loss(zero2_run):
 def test_zero3_two_ranks_lowers_the_loss_and_exports_consolidated(zero3_run, assets):
     from test_export import check_exported
 
-    _assert_trained(zero3_run)
+    _assert_trained(zero3_run, mlm_scored=False)  # random init, no term on the MLM head
     # The partitions of both ranks are consolidated: the exported folder scores the
     # validation shards exactly as the trained module did.
     check_exported(zero3_run / "student", zero3_run, assets["shards"], world_size=2)
