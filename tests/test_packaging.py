@@ -87,8 +87,11 @@ def test_installed_package_runs_from_anywhere(installed, tmp_path, tiny_teacher_
     assert _run([distill, "--version"], cwd=elsewhere).stdout.startswith("distill 0.")
     shown = _run([distill, "config", "show", "demo"], cwd=elsewhere).stdout
     assert "name: demo" in shown and "qkv_relation_kl:" in shown
+    # The demo's 3 x 224 student cut from teacher layers 1-5, resized to the 4 x 64 teacher
     plan = _run([distill, "launch", "demo", f"teacher.path={tiny_teacher_nohead_dir}",
-                 "objective.qkv_relation_kl.relation_heads=16",
+                 "student.hidden_size=32", "student.intermediate_size=64",
+                 "student.prune_depth=4", "objective.qkv_relation_kl.teacher_layer=4",
+                 "objective.hidden_cosine.teacher_layer=4",
                  "--cluster", "local/2proc", "--stage", "pretrain", "--dry-run"],
                 cwd=elsewhere).stdout
     packaged = f"{installed}/lib/python{sys.version_info.major}.{sys.version_info.minor}" \
