@@ -99,12 +99,14 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
 
 
 def load_config(schema: type[T], path: str | Path | None = None,
-                overrides: Sequence[str] = ()) -> T:
+                overrides: Sequence[str] = (), section: str = "") -> T:
     """YAML file (optional) + dotted overrides -> validated dataclass tree.
 
-    Raises ConfigError naming the file, the dotted key and what is allowed.
+    Raises ConfigError naming the file (or the command line), the dotted key and what is
+    allowed. ``section``: the recipe section the schema is (``finetune``), named in the
+    keys of errors as the user wrote them (``finetune.epochs``).
     """
-    source = str(path) if path else "<defaults>"
+    source = str(path) if path else "command line" if overrides else "<defaults>"
     try:
         merged = OmegaConf.structured(schema)
     except OmegaConfBaseException as err:  # a bug in our schema, not the user's input
@@ -136,7 +138,7 @@ def load_config(schema: type[T], path: str | Path | None = None,
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {_describe_omegaconf_error(err)}") from None
     try:
-        return _build(schema, data, "")
+        return _build(schema, data, section)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

@@ -101,7 +101,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from finetune.train import run_task
 
     over = sections(args.overrides, ("finetune", "task"))
-    cfg = load_config(FinetuneConfig, None, over["finetune"])
+    cfg = load_config(FinetuneConfig, None, over["finetune"], section="finetune")
     task = load_task(args.task, over["task"])
     out = Path(args.out) if args.out else \
         Path("runs/finetune") / Path(args.model_dir).name / task.name
@@ -160,6 +160,8 @@ def _report(args: argparse.Namespace) -> int:
     from finetune.tasks import TaskError, load_task
 
     over = sections(args.overrides, ("report", "finetune"))  # before any model is read
+    cfg = load_config(ReportConfig, None, over["report"], section="report")
+    ft_cfg = load_config(FinetuneConfig, None, over["finetune"], section="finetune")
     models = {}
     for spec in args.model:
         name, sep, folder = spec.partition("=")
@@ -167,7 +169,6 @@ def _report(args: argparse.Namespace) -> int:
             raise TaskError(f"--model {spec!r}: expected NAME=DIR")
         models[name] = Path(resolve_model_dir(folder))
     teacher = args.teacher or next(iter(models))
-    cfg = load_config(ReportConfig, None, over["report"])
     by_path = {str(p.resolve()): n for n, p in models.items()}
     results: dict[str, dict] = {n: {} for n in models}
     for res in _find_results(args.results):
@@ -178,7 +179,6 @@ def _report(args: argparse.Namespace) -> int:
     if args.finetune_missing:
         from finetune.train import run_task
 
-        ft_cfg = load_config(FinetuneConfig, None, over["finetune"])
         for task_spec in args.task or ft_cfg.tasks:
             task = load_task(task_spec)
             for name, folder in models.items():

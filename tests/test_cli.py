@@ -52,6 +52,19 @@ def test_config_error_is_one_clean_line(capsys):
     assert "Traceback" not in err
 
 
+def test_finetune_and_report_errors_name_the_key_as_typed(capsys):
+    """A bad `distill finetune` / `distill report` override is named as the user wrote it
+    (finetune.learning_rates on the command line), before any model or data is read."""
+    rc = main(["finetune", "/no/such/model", "bbc_news", "finetune.learning_rates=[1e-4,1e-4]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: command line: finetune.learning_rates: ")
+    assert "listed twice" in err and "/no/such/model" not in err
+    rc = main(["report", "--model", "a=/no/such/model", "--out", "/tmp/unused",
+               "report.latency_repeats=-1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: command line: report.latency_repeats: "), err
+
+
 def test_parser_builds_without_heavy_imports():
     # `distill --help` must stay fast: building the parser imports no torch/ray/deepspeed.
     code = ("import sys; from distill_cli.main import build_parser; build_parser(); "
