@@ -41,7 +41,6 @@ import dataclasses
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -263,10 +262,11 @@ def _task_row(task: str, results: dict, probes: dict | None, draws: int) -> dict
 def model_scores(result: dict) -> dict:
     """A fine-tuning result in a summary: test mean, std and per-seed scores, and the mean
     of each seed's best validation score."""
-    validation = [float(rec["validation"][result["metric"]]) for rec in result["seeds"]]
+    from finetune.train import validation_mean
+
     return {"mean": round(result["score"], 4), "std": round(result["score_std"] or 0.0, 4),
             "per_seed": [round(x, 4) for x in per_seed(result)],
-            "validation_mean": round(statistics.fmean(validation), 4)}
+            "validation_mean": round(validation_mean(result), 4)}
 
 
 def finetune_overrides(task_paths: list[str], seeds: list[int]) -> list[str]:

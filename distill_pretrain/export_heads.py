@@ -94,11 +94,18 @@ def read_teacher_parts(folder: Path, dtype: torch.dtype) -> TeacherParts:
                         pooler=pooler, word_embeddings=word.detach().to(dtype))
 
 
+def mlm_head_state(trained: bool, student_init: Optional[dict]) -> str:
+    """What the student's MLM head is worth: "trained" (a term trains it), "teacher"
+    (copied from the teacher, untouched) or "none" (fresh and untrained: noise, neither
+    scored at evaluation nor exported). ``trained``: an objective term uses its logits."""
+    copied = bool(student_init) and student_init.get("mlm_head") == "teacher"
+    return "trained" if trained else "teacher" if copied else "none"
+
+
 def plan_heads(objective: dict, student_init: Optional[dict], arch: Architecture,
                teacher: Optional[TeacherParts]) -> HeadPlan:
-    trained = bool(objective.get("mlm") or objective.get("logit_kl"))
-    copied = bool(student_init) and student_init.get("mlm_head") == "teacher"
-    mlm_head = "trained" if trained else "teacher" if copied else "none"
+    mlm_head = mlm_head_state(bool(objective.get("mlm") or objective.get("logit_kl")),
+                              student_init)
     embeddings = (student_init or {}).get("embeddings")
     if arch.pooler is None:
         return HeadPlan(mlm_head, "none", None, f"{arch.model_type} models have no pooler")

@@ -35,6 +35,7 @@ from distill_pretrain.config import PretrainJob
 from distill_pretrain.data import check_tokenizer, load_token_counts
 from distill_pretrain.engine import (COMPUTE_DTYPES, EngineModule, adopt_process_group,
                                      build_engine, resolve_precision)
+from distill_pretrain.export_heads import mlm_head_state
 from distill_pretrain.loop import LoopOutcome, TrainLoop, TrainState
 from distill_pretrain.masking import build_masker
 from distill_pretrain.objective import build_objective
@@ -104,10 +105,9 @@ def _pretrain(job: PretrainJob, world: World, manifest: dict) -> TrainResult:
     adopt_process_group(world, cfg.dist_timeout_min)
     objective = build_objective(job.objective, teacher, student.config)
     # A fresh MLM head that no term trains has no accuracy worth measuring.
-    eval_mlm = objective.needs_mlm_logits or student_init.get("mlm_head") == "teacher"
+    eval_mlm = mlm_head_state(objective.needs_mlm_logits, student_init) != "none"
     engine, scheduler = build_engine(EngineModule(student, objective, eval_mlm=eval_mlm),
                                      cfg, world, precision, load_universal=start.universal)
-    objective = engine.module.objective
     checkpoints = ckpt.Checkpointer(
         engine, world, cfg.output_dir, cfg.keep_last,
         record={"data_fingerprint": start.data_fingerprint, "run_settings": start.settings,
