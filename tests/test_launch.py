@@ -4,6 +4,7 @@ submission. The real Slurm / Ray / torchrun runs are in tests/test_launch_*.py."
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,9 +121,7 @@ def test_slurm_script_quotes_every_value(tmp_path, tiny_teacher_dir, tiny_corpus
     assert log_name.endswith("-%j.log") and "$" not in log_name and "`" not in log_name
     # Running the script's own set-up (everything before the srun lines) under bash
     # with the Slurm variables set must not execute the payload.
-    preamble = script.split("srun ", 1)[0].replace(
-        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        "head_node=n1")
+    preamble = _script_preamble(script)
     marker = Path("/tmp/pwned-launch-unit")
     marker.unlink(missing_ok=True)
     r = subprocess.run(["bash", "-c", preamble + '\nprintf "%s\\n%s" "$job_name" '
@@ -133,6 +132,46 @@ def test_slurm_script_quotes_every_value(tmp_path, tiny_teacher_dir, tiny_corpus
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-2:] == [f"job {EVIL}", EVIL]
     assert not marker.exists()
+
+
+def _script_preamble(script: str) -> str:
+    """The script up to its first srun line, with a fixed head node (no scontrol here)."""
+    return script.split("\nsrun ", 1)[0].replace(
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "head_node=n1")
+
+
+def test_slurm_rendezvous_port_moves_past_a_port_in_use(recipe, tmp_path):
+    # Something (another job's store, a stray server) listens on the port the job id picks:
+    # the script takes the next free one instead of joining it as a torchrun client.
+    with socket.socket() as held, socket.socket() as held_next:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        try:
+            held_next.bind(("127.0.0.1", port + 1))
+            held_next.listen()
+        except OSError:
+            pytest.skip(f"port {port + 1} is taken here; the test needs it")
+        p = plan(str(recipe), [], "slurm/cpu", stage="pretrain", workdir=tmp_path,
+                 profile_overrides=[f"rdzv_port={port - 7}"])
+        r = subprocess.run(["bash", "-c", _script_preamble(p.script) + '\necho "$rdzv_port"'],
+                           env={"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
+                                "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert f"distill: port {port} is in use" in r.stdout
+    assert f"distill: port {port + 1} is in use" in r.stdout
+    assert int(lines[-1]) >= port + 2
+    # Free ports are taken as they are.
+    p = plan(str(recipe), [], "slurm/cpu", stage="pretrain", workdir=tmp_path,
+             profile_overrides=[f"rdzv_port={port - 7}"])
+    r = subprocess.run(["bash", "-c", _script_preamble(p.script) + '\necho "$rdzv_port"'],
+                       env={"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
+                            "PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "in use" not in r.stdout, r.stdout + r.stderr
 
 
 def test_sbatch_options_and_gpu_lines(recipe, tmp_path):

@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from clusters import free_port, slurm_cluster, slurm_unavailable_reason
+from clusters import slurm_cluster, slurm_unavailable_reason
 from launch_fixtures import prepared_shards, run_distill, write_tiny_recipe
 
 pytestmark = pytest.mark.slow
@@ -55,11 +56,12 @@ def recipe_and_shards(tmp_path_factory, tiny_teacher_dir, tiny_corpus_dir):
 
 
 def _submit(args: list[str], env: dict, cwd: Path) -> str:
-    # The rendezvous port base (the job adds its id % 1000): a random one, not the
-    # profile's 29500, which a process of a test running beside this one may hold (the
-    # torchrun agent would then join it as a client and fail).
-    r = run_distill(["launch", *args, "--set", f"rdzv_port={free_port()}"], env=env,
-                    cwd=cwd)
+    # The rendezvous port base (the job adds its id % 1000): a random one below the
+    # kernel's ephemeral range (32768+), where no other test's connection or server
+    # (given port 0) can land, and not the profile's 29500, which a test running beside
+    # this one may hold. The script itself moves past a port something listens on.
+    base = random.randrange(20000, 29000)
+    r = run_distill(["launch", *args, "--set", f"rdzv_port={base}"], env=env, cwd=cwd)
     assert r.returncode == 0, r.stdout + r.stderr
     job_id = r.stdout.strip().splitlines()[-1]
     assert job_id.isdigit(), r.stdout
@@ -158,7 +160,7 @@ def test_status_and_cancel_of_a_held_job(slurm, recipe_and_shards, tmp_path, mon
 
 def test_term_before_the_time_limit_makes_the_run_checkpoint(slurm, env, recipe_and_shards,
                                                              tmp_path):
-    """`#SBATCH --signal=TERM@60` on a 4-minute job that would train for hours: Slurm
+    """`#SBATCH --signal=TERM@60` on a 3-minute job that would train for hours: Slurm
     sends SIGTERM to the job's steps about a minute before the limit (up to a minute
     earlier: its resolution), every rank saves a checkpoint and stops, and the job ends
     before Slurm would kill it."""
@@ -166,9 +168,9 @@ def test_term_before_the_time_limit_makes_the_run_checkpoint(slurm, env, recipe_
     out = tmp_path / "limited"
     job = _submit([str(recipe), f"train.data_dir={shards}", f"train.output_dir={out}",
                    "train.max_steps=10000000", "--cluster", "slurm/cpu", "--stage",
-                   "pretrain", "--set", "time=00:04:00", "--set", "signal_lead_s=60"],
+                   "pretrain", "--set", "time=00:03:00", "--set", "signal_lead_s=60"],
                   env, tmp_path)
-    r = run_distill(["launch", "status", job, "--wait", "--timeout", "330"], env=env)
+    r = run_distill(["launch", "status", job, "--wait", "--timeout", "270"], env=env)
     text = run_distill(["launch", "logs", job], env=env).stdout
     assert r.returncode in (0, 1), r.stdout + r.stderr  # the job ended, either way
     assert r.stdout.split()[1] != "TIMEOUT", text[-4000:]
