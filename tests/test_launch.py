@@ -141,6 +141,16 @@ def _script_preamble(script: str) -> str:
         "head_node=n1")
 
 
+def _rendezvous_port(recipe: Path, base: int, cwd: Path) -> subprocess.CompletedProcess:
+    """The job script's set-up, run for job 7 on head node n1, printing the port it chose."""
+    p = plan(str(recipe), [], "slurm/cpu", stage="pretrain", workdir=cwd,
+             profile_overrides=[f"rdzv_port={base}"])
+    return subprocess.run(["bash", "-c", _script_preamble(p.script) + '\necho "$rdzv_port"'],
+                          env={"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
+                               "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, cwd=cwd)
+
+
 def test_slurm_rendezvous_port_moves_past_a_port_in_use(recipe, tmp_path):
     # Something (another job's store, a stray server) listens on the port the job id picks:
     # the script takes the next free one instead of joining it as a torchrun client.
@@ -153,25 +163,15 @@ def test_slurm_rendezvous_port_moves_past_a_port_in_use(recipe, tmp_path):
             held_next.listen()
         except OSError:
             pytest.skip(f"port {port + 1} is taken here; the test needs it")
-        p = plan(str(recipe), [], "slurm/cpu", stage="pretrain", workdir=tmp_path,
-                 profile_overrides=[f"rdzv_port={port - 7}"])
-        r = subprocess.run(["bash", "-c", _script_preamble(p.script) + '\necho "$rdzv_port"'],
-                           env={"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
-                                "PATH": "/usr/bin:/bin"},
-                           capture_output=True, text=True, cwd=tmp_path)
+        r = _rendezvous_port(recipe, port - 7, tmp_path)
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
     assert f"distill: port {port} is in use" in r.stdout
     assert f"distill: port {port + 1} is in use" in r.stdout
-    assert int(lines[-1]) >= port + 2
+    assert int(r.stdout.splitlines()[-1]) >= port + 2
     # Free ports are taken as they are.
-    p = plan(str(recipe), [], "slurm/cpu", stage="pretrain", workdir=tmp_path,
-             profile_overrides=[f"rdzv_port={port - 7}"])
-    r = subprocess.run(["bash", "-c", _script_preamble(p.script) + '\necho "$rdzv_port"'],
-                       env={"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
-                            "PATH": "/usr/bin:/bin"},
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = _rendezvous_port(recipe, port - 7, tmp_path)
     assert r.returncode == 0 and "in use" not in r.stdout, r.stdout + r.stderr
+    assert int(r.stdout.splitlines()[-1]) == port
 
 
 def test_sbatch_options_and_gpu_lines(recipe, tmp_path):
