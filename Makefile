@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # TEST_WORKERS=2 runs the suite on 2 xdist workers (a test file per worker, see
 # tests/conftest.py): most tests wait on processes they start, so two overlap well on
-# 2 cores (13 instead of 18 minutes). One run of three lost a worker mid-file, cause not
-# yet found, and xdist then waits forever: CI runs the suite in one process.
+# 2 cores (about 12 instead of 21 minutes). An early run lost a worker mid-file, cause not
+# found, and xdist then waited forever; two workers are also more sensitive to other load
+# on the machine: CI runs the suite in one process.
 TEST_WORKERS ?= 0
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
